@@ -1,0 +1,183 @@
+"""Per-tier deployment bundles: ``<root>/<tier>/manifest.json`` + that tier's weights only (safetensors).
+
+A bundle is everything one tier process needs and nothing more: the model structure (to rebuild its segment),
+which stages and exit it holds, its gate, the input it accepts, FLOPs, class names, and its own weights. Weights are
+safetensors files, so loading a bundle never unpickles anything. All tiers of one export share a ``model_id``
+derived from the model spec and every tier's weights; a tier refuses requests carrying another id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.errors import ConfigError
+from common.flops import count_flops
+from common.gates import Gate, gate_from_dict, gate_to_dict
+from common.models import ModelSpec, MultiExitNet
+from common.runtime import TierSpec
+from common.split import TIER_NAMES, Segment, SegmentPlan, build_segment, plan_segments
+
+FORMAT = "splitexit-bundle/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass
+class TierBundle:
+    """A loaded tier: its manifest, its segment (with weights) and its gate."""
+
+    manifest: dict
+    segment: Segment
+    gate: Gate
+
+    @property
+    def tier(self) -> str:
+        return self.manifest["tier"]
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    def tier_spec(self, max_batch: int = 512) -> TierSpec:
+        m = self.manifest
+        return TierSpec(
+            tier=m["tier"], model_id=m["model_id"], exit_index=m["segment"]["exit_index"],
+            input_shape=tuple(m["input"]["shape"]), input_dtype=getattr(torch, m["input"]["dtype"]),
+            flops_per_sample=float(m["flops"]["segment"] + m["flops"]["head"]),
+            is_last=m["tier_index"] == len(m["tiers"]) - 1, max_batch=max_batch,
+        )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _plan_dict(plan: SegmentPlan, spec: ModelSpec) -> dict:
+    return {
+        "start": plan.start, "end": plan.end, "stages": list(plan.stage_names), "exit_index": plan.exit_index,
+        "exit_head": "final" if plan.is_last else spec.exit_head.to_dict(),
+    }
+
+
+def export_bundles(
+    model: MultiExitNet, gates: list[Gate], out: Path, class_names: list[str], tiers: tuple[str, ...] = TIER_NAMES
+) -> list[Path]:
+    """Write one bundle folder per tier under ``out``; ``gates[i]`` guards tier i's exit (the last is ignored)."""
+    spec = model.spec
+    plans = plan_segments(spec, model.backbone.stage_names, tiers)
+    if len(gates) < len(plans) - 1:
+        raise ConfigError(f"need a gate for each of the {len(plans) - 1} early exits, got {len(gates)}")
+    model = model.eval()
+    full_flops = count_flops(_Backbone(model), torch.zeros((1, *spec.input_shape), dtype=torch.uint8))
+    x = torch.zeros((1, *spec.input_shape), dtype=torch.uint8)
+    records = []
+    for plan in plans:
+        segment = build_segment(model, plan)
+        stage_flops = count_flops(_Stages(segment), x)
+        total_flops = count_flops(segment, x)
+        with torch.no_grad():
+            features, _ = segment.eval()(x)
+        records.append((plan, segment, x, stage_flops, total_flops - stage_flops, tuple(features.shape[1:])))
+        x = features
+    folders = []
+    for plan, segment, x_in, seg_flops, head_flops, out_shape in records:
+        folder = out / plan.tier
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().clone() for k, v in segment.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS))
+        folders.append(folder)
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    for folder in folders:
+        digest.update(_sha256(folder / WEIGHTS).encode())
+    model_id = f"{spec.architecture}-{digest.hexdigest()[:16]}"
+    for (plan, _seg, x_in, seg_flops, head_flops, out_shape), folder in zip(records, folders):
+        gate = gates[plan.index] if not plan.is_last else gate_from_dict({"kind": "always"})
+        manifest = {
+            "format": FORMAT,
+            "model_id": model_id,
+            "tier": plan.tier,
+            "tier_index": plan.index,
+            "tiers": list(tiers),
+            "model": spec.to_dict(),
+            "segment": _plan_dict(plan, spec),
+            "gate": gate_to_dict(gate),
+            "input": {
+                "shape": list(x_in.shape[1:]),
+                "dtype": str(x_in.dtype).removeprefix("torch."),
+                "normalization": {"mean": list(spec.mean), "std": list(spec.std)} if plan.index == 0 else None,
+            },
+            "output_shape": list(out_shape),
+            "class_names": list(class_names),
+            "flops": {"segment": seg_flops, "head": head_flops, "full_network": full_flops},
+            "weights": {"file": WEIGHTS, "sha256": _sha256(folder / WEIGHTS)},
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folders
+
+
+class _Backbone(torch.nn.Module):
+    """The whole network without exit heads: what ``full_network`` FLOPs count."""
+
+    def __init__(self, model: MultiExitNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone(self.model.normalize(images))
+
+
+class _Stages(torch.nn.Module):
+    def __init__(self, segment: Segment) -> None:
+        super().__init__()
+        self.segment = segment
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segment.stages(self.segment.preprocess(x))
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{folder} is not a tier bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path} has format {manifest.get('format')!r}; this build reads {FORMAT!r}")
+    return manifest
+
+
+def load_tier_bundle(folder: Path) -> TierBundle:
+    """Rebuild only this tier's segment and load its weights (safetensors; checksum verified)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    weights = folder / manifest["weights"]["file"]
+    if not weights.is_file():
+        raise ConfigError(f"{weights} is missing")
+    if _sha256(weights) != manifest["weights"]["sha256"]:
+        raise ConfigError(f"{weights} does not match the checksum in its manifest")
+    spec = ModelSpec.from_dict(manifest["model"])
+    # Build the structure on the meta device: no memory is spent on the other tiers' layers.
+    with torch.device("meta"):
+        skeleton = MultiExitNet(spec)
+    plans = plan_segments(spec, skeleton.backbone.stage_names, tuple(manifest["tiers"]))
+    plan = plans[manifest["tier_index"]]
+    segment = build_segment(skeleton, plan).to_empty(device="cpu")
+    segment.load_state_dict(load_file(str(weights)), strict=True)
+    return TierBundle(manifest, segment.eval(), gate_from_dict(manifest["gate"]))
+
+
+def find_tier_folders(root: Path) -> list[Path]:
+    """The tier folders of an exported bundle root, in deployment order."""
+    root = Path(root)
+    first = read_manifest(root / TIER_NAMES[0]) if (root / TIER_NAMES[0]).is_dir() else None
+    tiers = first["tiers"] if first else None
+    if not tiers:
+        raise ConfigError(f"{root} holds no exported bundle (expected {root}/{TIER_NAMES[0]}/{MANIFEST})")
+    return [root / t for t in tiers]

@@ -1,0 +1,39 @@
+"""Shared command-line plumbing: address parsing and a runner that turns product errors into one readable line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from common.errors import SplitExitError
+
+
+def address(value: str) -> str:
+    """argparse type for ``HOST:PORT`` (port 0 = pick a free port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 127.0.0.1:50051, got {value!r}")
+    return value
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run ``main`` and exit; a ``SplitExitError`` or ``OSError`` ends the program with one line on stderr."""
+    try:
+        code = main(argv)
+    except (SplitExitError, OSError) as e:
+        prog = sys.argv[0].rsplit("/", 1)[-1]
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

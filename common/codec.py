@@ -1,0 +1,105 @@
+"""torch tensors <-> ``splitexit.v1.Tensor`` messages: raw little-endian bytes, validated, never pickled.
+
+Decoding checks, before any memory is interpreted, that the dtype is on the allow-list, that rank and every
+dimension are within limits, and that the byte length equals ``prod(shape) * itemsize``. The decoded tensor shares
+memory with the message's bytes (zero copy) and is therefore read-only by contract: nothing downstream writes into
+its input in place.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.errors import InvalidRequest
+from proto import splitexit_pb2 as pb
+
+# Wire dtype name -> (torch dtype, little-endian numpy dtype or None when numpy has no equivalent).
+DTYPES: dict[str, tuple[torch.dtype, np.dtype | None]] = {
+    "uint8": (torch.uint8, np.dtype("u1")),
+    "int8": (torch.int8, np.dtype("i1")),
+    "int32": (torch.int32, np.dtype("<i4")),
+    "int64": (torch.int64, np.dtype("<i8")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, None),
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float64": (torch.float64, np.dtype("<f8")),
+}
+_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+RAW_CODECS = ("", "raw")
+LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    """Bounds a received tensor must respect; the defaults admit any sane batch of CNN activations."""
+
+    max_rank: int = 8
+    max_dim: int = 1 << 20
+    max_elements: int = 1 << 28
+
+    def check_shape(self, shape: tuple[int, ...]) -> int:
+        """Validate ``shape``; return its number of elements."""
+        if len(shape) > self.max_rank:
+            raise InvalidRequest(f"tensor rank {len(shape)} exceeds the limit of {self.max_rank}")
+        for i, d in enumerate(shape):
+            if d < 0 or d > self.max_dim:
+                raise InvalidRequest(f"tensor dimension {i} is {d}; allowed range is 0..{self.max_dim}")
+        n = math.prod(shape)
+        if n > self.max_elements:
+            raise InvalidRequest(f"tensor has {n} elements; the limit is {self.max_elements}")
+        return n
+
+
+DEFAULT_LIMITS = TensorLimits()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be sent on the wire; allowed: {', '.join(DTYPES)}") from None
+
+
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    """Encode a CPU tensor as raw little-endian bytes (one copy, into the message)."""
+    name = dtype_name(tensor.dtype)
+    t = tensor.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        arr = t.view(torch.int16).numpy()
+        arr = arr if LITTLE_ENDIAN else arr.byteswap()
+    else:
+        arr = t.numpy().astype(DTYPES[name][1], copy=False)
+    return pb.Tensor(dtype=name, shape=list(t.shape), data=arr.tobytes(), codec="raw")
+
+
+def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Validate and decode a ``Tensor`` message; raise ``InvalidRequest`` naming the problem."""
+    if msg.codec not in RAW_CODECS:
+        raise InvalidRequest(f"unknown tensor codec {msg.codec!r}; this tier accepts: raw")
+    if msg.dtype not in DTYPES:
+        raise InvalidRequest(f"unsupported tensor dtype {msg.dtype!r}; allowed: {', '.join(DTYPES)}")
+    shape = tuple(int(d) for d in msg.shape)
+    n = limits.check_shape(shape)
+    torch_dtype, np_dtype = DTYPES[msg.dtype]
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    if len(msg.data) != n * itemsize:
+        raise InvalidRequest(
+            f"tensor data has {len(msg.data)} bytes but shape {list(shape)} of {msg.dtype} needs {n * itemsize}"
+        )
+    if n == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    if np_dtype is None or LITTLE_ENDIAN:
+        with warnings.catch_warnings():
+            # The bytes object is immutable; the tensor is read-only by contract (see module docstring).
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(msg.data, dtype=torch_dtype)
+        if np_dtype is None and not LITTLE_ENDIAN:
+            flat = flat.view(torch.int16).byteswap().view(torch_dtype)  # pragma: no cover (big-endian hosts)
+    else:  # pragma: no cover - big-endian hosts need one byte-swapping copy
+        flat = torch.from_numpy(np.frombuffer(msg.data, dtype=np_dtype).astype(np_dtype.newbyteorder("=")))
+    return flat.view(shape)

@@ -1,0 +1,23 @@
+"""Per-sample floating-point operation counts, measured with ``torch.utils.flop_counter``.
+
+The counter counts the matrix work (convolutions, linear layers, matmuls) as 2 x multiply-accumulates; element-wise
+operations (BatchNorm, ReLU, additions) are not counted, as is usual for CNN FLOPs tables.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@torch.no_grad()
+def count_flops(module: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of ``module(example)``, divided by the batch size of ``example``."""
+    was_training = module.training
+    module.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            module(example)
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops() // max(1, example.shape[0]))

@@ -1,0 +1,119 @@
+"""Exit gates: pure, batch-aware policies that map a batch of exit logits to a boolean "may exit" mask.
+
+A gate never sees the network; it sees only the logits of the exit it guards. Gates serialise to a small dict
+(``{"kind": "confidence", "threshold": 0.9}``) stored in each tier's manifest and are rebuilt by ``gate_from_dict``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from common.errors import ConfigError
+
+
+def softmax_stats(logits: Tensor) -> dict[str, Tensor]:
+    """Per-sample statistics of a batch of logits ``(N, K)``: confidence, label, normalised entropy, margin."""
+    probs = torch.softmax(logits.float(), dim=1)
+    top = probs.topk(min(2, probs.shape[1]), dim=1)
+    confidence, label = top.values[:, 0], top.indices[:, 0]
+    margin = confidence - top.values[:, 1] if probs.shape[1] > 1 else confidence
+    logp = torch.log(probs.clamp_min(1e-12))
+    entropy = -(probs * logp).sum(dim=1) / math.log(max(probs.shape[1], 2))
+    return {"confidence": confidence, "label": label, "entropy": entropy, "margin": margin}
+
+
+class Gate(Protocol):
+    kind: str
+
+    def __call__(self, logits: Tensor) -> Tensor: ...
+
+    def params(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class ConfidenceGate:
+    """Exit when the maximum softmax probability is at least ``threshold`` (BranchyNet-style confidence)."""
+
+    threshold: float
+    kind = "confidence"
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return softmax_stats(logits)["confidence"] >= self.threshold
+
+    def params(self) -> dict[str, float]:
+        return {"threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class EntropyGate:
+    """Exit when the softmax entropy, normalised to [0, 1] by log(K), is at most ``threshold``."""
+
+    threshold: float
+    kind = "entropy"
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return softmax_stats(logits)["entropy"] <= self.threshold
+
+    def params(self) -> dict[str, float]:
+        return {"threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class ConstantGate:
+    """Exit every sample (``always``) or none (``never``); useful to pin a deployment's routing."""
+
+    exit_all: bool
+
+    @property
+    def kind(self) -> str:
+        return "always" if self.exit_all else "never"
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return torch.full((logits.shape[0],), self.exit_all, dtype=torch.bool)
+
+    def params(self) -> dict[str, float]:
+        return {}
+
+
+_FACTORIES: dict[str, Callable[[dict], Gate]] = {
+    "confidence": lambda p: ConfidenceGate(float(p["threshold"])),
+    "entropy": lambda p: EntropyGate(float(p["threshold"])),
+    "always": lambda p: ConstantGate(True),
+    "never": lambda p: ConstantGate(False),
+}
+_PARAMS = {"confidence": {"threshold"}, "entropy": {"threshold"}, "always": set(), "never": set()}
+
+
+def gate_to_dict(gate: Gate) -> dict:
+    return {"kind": gate.kind, **gate.params()}
+
+
+def gate_from_dict(d: dict) -> Gate:
+    """Rebuild a gate from its manifest form; unknown kinds or keys are configuration errors."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in _FACTORIES:
+        raise ConfigError(f"unknown gate kind {kind!r}; known: {', '.join(_FACTORIES)}")
+    if set(d) != _PARAMS[kind]:
+        raise ConfigError(f"gate {kind!r} takes parameters {sorted(_PARAMS[kind])}, got {sorted(d)}")
+    return _FACTORIES[kind](d)
+
+
+def parse_gate(spec: str) -> Gate:
+    """Parse a command-line gate such as ``confidence:0.9``, ``entropy:0.2``, ``always`` or ``never``."""
+    kind, _, value = spec.partition(":")
+    if kind in ("always", "never"):
+        if value:
+            raise ConfigError(f"gate {kind!r} takes no value, got {spec!r}")
+        return gate_from_dict({"kind": kind})
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise ConfigError(f"bad gate {spec!r}: expected KIND:THRESHOLD, e.g. confidence:0.9") from None
+    if not math.isfinite(threshold):
+        raise ConfigError(f"bad gate {spec!r}: the threshold must be a finite number")
+    return gate_from_dict({"kind": kind, "threshold": threshold})

@@ -1,0 +1,40 @@
+"""An in-process deployment: the tiers' runtimes chained by direct calls instead of gRPC.
+
+Each link still encodes the forwarded samples into the very ``InferRequest`` a network link would carry and decodes
+it on the other side, so bytes are counted identically and the next tier sees the same tensor values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import messages
+from common.bundle import TierBundle, find_tier_folders, load_tier_bundle
+from common.gates import Gate
+from common.runtime import Batch, Forwarded, TierRuntime
+
+
+class LocalLink:
+    """The ``Forward`` function that hands samples to a runtime in the same process."""
+
+    def __init__(self, runtime: TierRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, batch: Batch) -> Forwarded:
+        request = messages.request_from_batch(batch)
+        size = request.ByteSize()
+        return Forwarded(self.runtime.process(messages.batch_from_request(request), bytes_received=size), size)
+
+
+def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = None) -> TierRuntime:
+    """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates."""
+    gates = gates or [None] * len(bundles)
+    runtime = None
+    for bundle, gate in reversed(list(zip(bundles, gates))):
+        forward = LocalLink(runtime) if runtime is not None else None
+        runtime = TierRuntime(bundle.tier_spec(), bundle.segment, gate or bundle.gate, forward)
+    return runtime
+
+
+def load_local_chain(root: Path, gates: list[Gate | None] | None = None) -> tuple[TierRuntime, list[TierBundle]]:
+    bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
+    return chain_runtimes(bundles, gates), bundles

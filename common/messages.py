@@ -1,0 +1,55 @@
+"""Runtime dataclasses <-> protobuf messages. Pure conversion, no networking."""
+from __future__ import annotations
+
+from common import codec
+from common.codec import TensorLimits
+from common.errors import InvalidRequest
+from common.runtime import Answer, Batch, Hop, Prediction
+from proto import splitexit_pb2 as pb
+
+
+def request_from_batch(batch: Batch) -> pb.InferRequest:
+    return pb.InferRequest(
+        request_id=batch.request_id,
+        model_id=batch.model_id,
+        sample_ids=batch.sample_ids,
+        tensor=codec.encode(batch.tensor),
+    )
+
+
+def batch_from_request(request: pb.InferRequest, limits: TensorLimits = codec.DEFAULT_LIMITS) -> Batch:
+    if not request.HasField("tensor"):
+        raise InvalidRequest("request has no tensor")
+    return Batch(request.request_id, request.model_id, list(request.sample_ids), codec.decode(request.tensor, limits))
+
+
+def reply_from_answer(answer: Answer) -> pb.InferReply:
+    return pb.InferReply(
+        request_id=answer.request_id,
+        predictions=[
+            pb.Prediction(
+                sample_id=p.sample_id, label=p.label, confidence=p.confidence,
+                exit_tier=p.exit_tier, exit_index=p.exit_index,
+            )
+            for p in answer.predictions
+        ],
+        trace=[
+            pb.HopTrace(
+                tier=h.tier, samples_in=h.samples_in, samples_exited=h.samples_exited, compute_ms=h.compute_ms,
+                bytes_received=h.bytes_received, bytes_sent=h.bytes_sent, forward_ms=h.forward_ms, flops=h.flops,
+            )
+            for h in answer.trace
+        ],
+    )
+
+
+def answer_from_reply(reply: pb.InferReply) -> Answer:
+    return Answer(
+        reply.request_id,
+        [Prediction(p.sample_id, p.label, p.confidence, p.exit_tier, p.exit_index) for p in reply.predictions],
+        [
+            Hop(h.tier, h.samples_in, h.samples_exited, h.compute_ms, h.bytes_received, h.bytes_sent,
+                h.forward_ms, h.flops)
+            for h in reply.trace
+        ],
+    )

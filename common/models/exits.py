@@ -1,0 +1,128 @@
+"""Exit heads sized from the feature shape at a stage boundary, and the multi-exit network used for training."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from common.errors import ConfigError
+from common.models.registry import build_backbone
+from common.models.staged import StagedBackbone
+
+
+@dataclass(frozen=True)
+class ExitHeadSpec:
+    """How an exit head is built: ``conv_channels`` 3x3 conv + BN + ReLU (0 = none), global pool, linear."""
+
+    conv_channels: int = 0
+    conv_stride: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExitHeadSpec":
+        unknown = set(d) - {"conv_channels", "conv_stride"}
+        if unknown:
+            raise ConfigError(f"unknown exit head keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def build_exit_head(feature_shape: tuple[int, ...], num_classes: int, spec: ExitHeadSpec) -> nn.Module:
+    """A BranchyNet-style side classifier for features of per-sample shape ``(C, H, W)``."""
+    channels = feature_shape[0]
+    layers: list[nn.Module] = []
+    if spec.conv_channels > 0:
+        layers += [
+            nn.Conv2d(channels, spec.conv_channels, 3, stride=spec.conv_stride, padding=1, bias=False),
+            nn.BatchNorm2d(spec.conv_channels),
+            nn.ReLU(inplace=True),
+        ]
+        channels = spec.conv_channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the multi-exit network's structure (weights travel separately)."""
+
+    architecture: str = "resnet18_cifar"
+    num_classes: int = 10
+    width: float = 0.25
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+    exit_points: tuple[int, ...] = (2, 4)
+    exit_head: ExitHeadSpec = ExitHeadSpec()
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["exit_points"] = list(self.exit_points)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model spec keys: {sorted(unknown)}")
+        if "exit_head" in d:
+            d["exit_head"] = ExitHeadSpec.from_dict(d["exit_head"])
+        for key in ("input_shape", "exit_points", "mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class ImageNormalize(nn.Module):
+    """uint8 (or 0..255 float) images -> float, scaled to [0, 1] and normalised per channel."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+class MultiExitNet(nn.Module):
+    """A staged backbone with exit heads at ``spec.exit_points`` and the backbone's classifier as the last exit.
+
+    Input is raw images (uint8, N x C x H x W); ``forward`` returns the logits of every exit, earliest first.
+    This is the training-time view; deployment splits it with ``common.split``.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.normalize = ImageNormalize(spec.mean, spec.std)
+        self.backbone: StagedBackbone = build_backbone(spec.architecture, num_classes=spec.num_classes, width=spec.width)
+        n = len(self.backbone.stages)
+        points = list(spec.exit_points)
+        if points != sorted(set(points)) or not all(1 <= p < n for p in points):
+            raise ConfigError(f"exit points must be increasing stage boundaries in 1..{n - 1}, got {points}")
+        shapes = self.backbone.feature_shapes(spec.input_shape)
+        self.exits = nn.ModuleList(
+            build_exit_head(shapes[p - 1], spec.num_classes, spec.exit_head) for p in points
+        )
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits) + 1
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = self.normalize(images)
+        outputs = []
+        heads = dict(zip(self.spec.exit_points, self.exits))
+        for k, stage in enumerate(self.backbone.stages, start=1):
+            x = stage(x)
+            if k in heads:
+                outputs.append(heads[k](x))
+        outputs.append(self.backbone.classifier(x))
+        return outputs

@@ -1,0 +1,145 @@
+"""The only gRPC glue: a servicer adapting ``TierRuntime``, ``create_server``, ``NextTierClient`` and health waits.
+
+Servicers only adapt: they decode the request, hand a ``Batch`` to the runtime, map ``RequestError``s to status codes
+and encode the answer. Message-size limits are set once, here, for servers and channels alike.
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import messages
+from common.errors import DownstreamError, RequestError
+from common.runtime import Batch, Forwarded, TierRuntime
+from proto import splitexit_pb2 as pb
+from proto import splitexit_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tier"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel and server options: one place for message limits (gRPC's default receive limit is 4 MiB)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Retries replay the request from a buffer that defaults to 256 KiB; activations are larger.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+    ]
+
+
+def message_limit(input_bytes_per_sample: int, output_bytes_per_sample: int, max_batch: int) -> int:
+    """A message limit that admits the largest legitimate request of a tier, with room for ids and framing."""
+    per_sample = max(input_bytes_per_sample, output_bytes_per_sample) + 16
+    return int(per_sample * max_batch * 1.1) + (1 << 20)
+
+
+_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class TierServicer(pb_grpc.TierServicer):
+    """Adapts a ``TierRuntime`` to the ``Tier`` service."""
+
+    def __init__(self, runtime: TierRuntime, description: pb.TierDescription) -> None:
+        self.runtime = runtime
+        self.description = description
+
+    def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
+        try:
+            batch = messages.batch_from_request(request)
+            answer = self.runtime.process(batch, bytes_received=request.ByteSize())
+        except RequestError as e:
+            context.abort(_CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
+        return messages.reply_from_answer(answer)
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.TierDescription:
+        return self.description
+
+
+def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float], next_tier: str) -> pb.TierDescription:
+    """The ``Describe`` answer for a tier, from its bundle manifest and the gate it actually runs."""
+    seg = manifest["segment"]
+    return pb.TierDescription(
+        tier=manifest["tier"], model_id=manifest["model_id"], architecture=manifest["model"]["architecture"],
+        stages=seg["stages"], exit_index=seg["exit_index"], exit_head=json.dumps(seg["exit_head"]),
+        gate_kind=gate_kind, gate_params=gate_params, input_shape=manifest["input"]["shape"],
+        input_dtype=manifest["input"]["dtype"], next_tier=next_tier,
+        segment_flops=manifest["flops"]["segment"], head_flops=manifest["flops"]["head"],
+        full_network_flops=manifest["flops"]["full_network"], class_names=manifest["class_names"],
+        tiers=manifest["tiers"],
+    )
+
+
+def create_server(
+    servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
+
+    The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
+    Server reflection is enabled so generic gRPC tools can list and call the service.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message_bytes))
+    pb_grpc.add_TierServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    return server, port, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, status)
+
+
+class NextTierClient:
+    """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``."""
+
+    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(target, options=grpc_options(max_message_bytes))
+        self.stub = pb_grpc.TierStub(self.channel)
+
+    def __call__(self, batch: Batch) -> Forwarded:
+        request = messages.request_from_batch(batch)
+        try:
+            reply = self.stub.Infer(request, timeout=self.timeout_s, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}") from None
+        return Forwarded(messages.answer_from_reply(reply), request.ByteSize())
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def wait_for_serving(target: str, timeout_s: float = 60.0) -> None:
+    """Block until the server at ``target`` reports SERVING on the standard health service."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f} s")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=min(2.0, remaining)).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)

@@ -1,0 +1,152 @@
+"""The one tier runtime every tier runs: segment -> exit gate -> answer the exits -> forward the rest -> merge.
+
+``TierRuntime`` knows nothing about gRPC or protobuf. The next tier is an injected function (``Forward``) that takes
+the declined samples as a ``Batch`` and returns the next tier's ``Answer`` together with the serialized size of the
+request it sent, so the runtime is tested in process and served unchanged by ``common.rpc``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from common.errors import DownstreamError, InvalidRequest, PreconditionFailed
+from common.gates import ConstantGate, Gate, softmax_stats
+
+
+@dataclass
+class Batch:
+    """Samples travelling between tiers: one row of ``tensor`` per entry of ``sample_ids``."""
+
+    request_id: str
+    model_id: str
+    sample_ids: list[int]
+    tensor: Tensor
+
+
+@dataclass
+class Prediction:
+    sample_id: int
+    label: int
+    confidence: float
+    exit_tier: str
+    exit_index: int
+
+
+@dataclass
+class Hop:
+    """What one tier did with one request (mirrors ``HopTrace`` on the wire)."""
+
+    tier: str
+    samples_in: int
+    samples_exited: int
+    compute_ms: float
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    forward_ms: float = 0.0
+    flops: float = 0.0
+
+
+@dataclass
+class Answer:
+    request_id: str
+    predictions: list[Prediction]
+    trace: list[Hop] = field(default_factory=list)
+
+
+@dataclass
+class Forwarded:
+    """The next tier's answer and the serialized size of the request that carried the samples there."""
+
+    answer: Answer
+    request_bytes: int
+
+
+Forward = Callable[[Batch], Forwarded]
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """Static facts about the tier a runtime serves (read from its bundle manifest)."""
+
+    tier: str
+    model_id: str
+    exit_index: int
+    input_shape: tuple[int, ...]  # per sample
+    input_dtype: torch.dtype
+    flops_per_sample: float  # segment + exit head
+    is_last: bool
+    max_batch: int = 512
+
+
+class TierRuntime:
+    """Serve one segment: run it, let the gate pick who exits here, forward the rest as one batch."""
+
+    def __init__(self, spec: TierSpec, segment: nn.Module, gate: Gate, forward: Forward | None = None) -> None:
+        if not spec.is_last and forward is None:
+            raise ValueError(f"tier {spec.tier!r} is not the last tier and needs a next tier to forward to")
+        self.spec = spec
+        self.segment = segment.eval()
+        # The last tier always answers, whatever gate its manifest names.
+        self.gate: Gate = ConstantGate(True) if spec.is_last else gate
+        self.forward = forward
+
+    def validate(self, batch: Batch) -> None:
+        """Raise ``InvalidRequest`` / ``PreconditionFailed`` when ``batch`` cannot be served by this tier."""
+        s = self.spec
+        if batch.model_id != s.model_id:
+            raise PreconditionFailed(f"model id {batch.model_id!r} does not match this tier's model {s.model_id!r}")
+        n = len(batch.sample_ids)
+        if n == 0:
+            raise InvalidRequest("empty batch: a request needs at least one sample")
+        if n > s.max_batch:
+            raise InvalidRequest(f"batch of {n} samples exceeds this tier's limit of {s.max_batch}")
+        if len(set(batch.sample_ids)) != n:
+            raise InvalidRequest("duplicate sample ids in the request")
+        x = batch.tensor
+        if x.dim() == 0 or x.shape[0] != n:
+            raise InvalidRequest(f"{n} sample ids but the tensor's first dimension is {tuple(x.shape)[:1]}")
+        if tuple(x.shape[1:]) != s.input_shape:
+            raise PreconditionFailed(
+                f"tier {s.tier!r} takes per-sample shape {list(s.input_shape)}, got {list(x.shape[1:])}"
+            )
+        if x.dtype != s.input_dtype:
+            raise PreconditionFailed(f"tier {s.tier!r} takes {s.input_dtype} tensors, got {x.dtype}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise InvalidRequest("tensor contains NaN or Inf values")
+
+    def process(self, batch: Batch, bytes_received: int = 0) -> Answer:
+        """Answer every sample of ``batch``: here when the gate accepts it, otherwise via the next tier."""
+        self.validate(batch)
+        s = self.spec
+        start = time.perf_counter()
+        with torch.inference_mode():
+            features, logits = self.segment(batch.tensor)
+            stats = softmax_stats(logits)
+            exits = self.gate(logits).to(torch.bool)
+        compute_ms = (time.perf_counter() - start) * 1e3
+
+        ids = batch.sample_ids
+        by_id: dict[int, Prediction] = {}
+        for i in torch.nonzero(exits).flatten().tolist():
+            by_id[ids[i]] = Prediction(
+                ids[i], int(stats["label"][i]), float(stats["confidence"][i]), s.tier, s.exit_index
+            )
+        hop = Hop(s.tier, len(ids), len(by_id), compute_ms, bytes_received, flops=s.flops_per_sample * len(ids))
+        trace = [hop]
+        rest = torch.nonzero(~exits).flatten()
+        if len(rest):
+            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest.tolist()], features[rest])
+            t0 = time.perf_counter()
+            forwarded = self.forward(onward)
+            hop.forward_ms = (time.perf_counter() - t0) * 1e3
+            hop.bytes_sent = forwarded.request_bytes
+            got = [p.sample_id for p in forwarded.answer.predictions]
+            if sorted(got) != sorted(onward.sample_ids):
+                raise DownstreamError(f"the next tier answered {len(got)} samples for {len(onward.sample_ids)} sent")
+            by_id.update((p.sample_id, p) for p in forwarded.answer.predictions)
+            trace += forwarded.answer.trace
+        return Answer(batch.request_id, [by_id[i] for i in ids], trace)

@@ -1,0 +1,68 @@
+"""Split a multi-exit network into per-tier segments.
+
+Segment ``i`` runs backbone stages ``[start, end)`` and then its exit head; the first segment also owns the input
+normalisation (so the device tier accepts raw uint8 images) and the last segment's head is the final classifier.
+Running the segments in sequence, passing each one's features to the next, computes exactly what the whole
+``MultiExitNet`` computes: the segments share the very same modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from common.errors import ConfigError
+from common.models import ModelSpec, MultiExitNet
+
+TIER_NAMES = ("device", "edge", "cloud")
+
+
+class Segment(nn.Module):
+    """Stages of one tier plus the exit head at its end. ``forward`` returns ``(features, exit_logits)``."""
+
+    def __init__(self, stages: list[nn.Module], head: nn.Module, preprocess: nn.Module | None = None) -> None:
+        super().__init__()
+        self.preprocess = preprocess if preprocess is not None else nn.Identity()
+        self.stages = nn.Sequential(*stages)
+        self.head = head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.stages(self.preprocess(x))
+        return features, self.head(features)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Which part of the model a tier holds: stages ``[start, end)`` and exit ``exit_index``."""
+
+    tier: str
+    index: int
+    start: int
+    end: int
+    exit_index: int
+    stage_names: tuple[str, ...]
+    is_last: bool
+
+
+def plan_segments(spec: ModelSpec, stage_names: list[str], tiers: tuple[str, ...] = TIER_NAMES) -> list[SegmentPlan]:
+    """Cut the stages at the model's exit points: one segment per tier, each ending where an exit sits."""
+    points = list(spec.exit_points)
+    if len(points) != len(tiers) - 1:
+        raise ConfigError(f"{len(tiers)} tiers need {len(tiers) - 1} exit points, the model has {points}")
+    bounds = [0, *points, len(stage_names)]
+    return [
+        SegmentPlan(tier, i, bounds[i], bounds[i + 1], i, tuple(stage_names[bounds[i]:bounds[i + 1]]), i == len(tiers) - 1)
+        for i, tier in enumerate(tiers)
+    ]
+
+
+def build_segment(model: MultiExitNet, plan: SegmentPlan) -> Segment:
+    """The segment of ``model`` described by ``plan``, sharing the model's modules (no copy)."""
+    stages = list(model.backbone.stages[plan.start:plan.end])
+    head = model.backbone.classifier if plan.is_last else model.exits[plan.exit_index]
+    return Segment(stages, head, preprocess=model.normalize if plan.index == 0 else None)
+
+
+def split_model(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> list[Segment]:
+    """All segments of ``model``, first to last."""
+    return [build_segment(model, p) for p in plan_segments(model.spec, model.backbone.stage_names, tiers)]

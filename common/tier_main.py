@@ -1,0 +1,94 @@
+"""The entry point every tier process shares: load a bundle, wire the next tier, serve until SIGTERM.
+
+``python -m device|edge|cloud`` call ``main`` with their tier name; what differs between tiers is in the bundle
+(the device's segment normalises raw uint8 images; the cloud's has no next tier), not in this code.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from common.bundle import load_tier_bundle
+from common.cli import address, positive_int
+from common.errors import ConfigError
+from common.gates import gate_to_dict, parse_gate
+from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, message_limit, set_serving
+from common.runtime import TierRuntime
+
+log = logging.getLogger("splitexit.tier")
+
+
+def get_args_parser(tier: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {tier}", description=f"Serve the {tier} tier of a SplitExit model.")
+    p.add_argument("--bundle", type=Path, required=True, help=f"the {tier} bundle folder (or the export root)")
+    p.add_argument("--listen", type=address, default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0 = any)")
+    p.add_argument("--next", type=address, default=None, help="HOST:PORT of the next tier (not for the last tier)")
+    p.add_argument("--gate", default=None, help="override the bundle's gate: confidence:T, entropy:T, always, never")
+    p.add_argument("--max-batch", type=positive_int, default=512, help="largest batch a request may carry")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the next tier's answer")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to drain in-flight requests on SIGTERM")
+    p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
+    return p
+
+
+def main(tier: str, argv: list[str] | None = None) -> int:
+    args = get_args_parser(tier).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tier} %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.bundle / tier if (args.bundle / tier / "manifest.json").is_file() else args.bundle
+    bundle = load_tier_bundle(folder)
+    if bundle.tier != tier:
+        raise ConfigError(f"{folder} is the {bundle.tier} bundle, not the {tier} bundle")
+    spec = bundle.tier_spec(max_batch=args.max_batch)
+    if spec.is_last and args.next:
+        raise ConfigError(f"the {tier} tier is the last tier and takes no --next")
+    if not spec.is_last and not args.next:
+        raise ConfigError(f"the {tier} tier forwards declined samples and needs --next HOST:PORT")
+    gate = parse_gate(args.gate) if args.gate else bundle.gate
+
+    m = bundle.manifest
+    itemsize_in = torch.empty((), dtype=spec.input_dtype).element_size()
+    in_bytes = itemsize_in * _prod(m["input"]["shape"])
+    out_bytes = 4 * _prod(m["output_shape"])
+    limit = message_limit(in_bytes, out_bytes, args.max_batch)
+    forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
+    runtime = TierRuntime(spec, bundle.segment, gate, forward)
+    g = gate_to_dict(runtime.gate)
+    kind = g.pop("kind")
+    description = describe_tier(m, kind, g, args.next or "")
+    server, port, health = create_server(TierServicer(runtime, description), args.listen, args.workers, limit)
+    server.start()
+    set_serving(health, True)
+    bound = f"{args.listen.rpartition(':')[0]}:{port}"
+    log.info("serving %s of model %s on %s (gate %s %s, next %s)", tier, spec.model_id, bound, kind, g, args.next)
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(bound)
+        os.replace(tmp, args.ready_file)  # atomic: a reader never sees a half-written address
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: draining in-flight requests for up to %.1f s", args.grace)
+    set_serving(health, False)
+    server.stop(args.grace).wait()
+    if forward is not None:
+        forward.close()
+    return 0
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

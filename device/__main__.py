@@ -1,0 +1,6 @@
+"""``python -m device --bundle DIR --listen HOST:PORT --next HOST:PORT``: serve the device tier."""
+from common.cli import run
+from common.tier_main import main
+
+if __name__ == "__main__":
+    run(lambda argv: main("device", argv))

@@ -1,0 +1,1 @@
+"""The edge tier: middle segment and exit, between device and cloud."""

@@ -1,0 +1,122 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "codec")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    codec: str
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[str] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("request_id", "model_id", "sample_ids", "tensor")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model_id: str
+    sample_ids: _containers.RepeatedScalarFieldContainer[int]
+    tensor: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("sample_id", "label", "confidence", "exit_tier", "exit_index")
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_TIER_FIELD_NUMBER: _ClassVar[int]
+    EXIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    sample_id: int
+    label: int
+    confidence: float
+    exit_tier: str
+    exit_index: int
+    def __init__(self, sample_id: _Optional[int] = ..., label: _Optional[int] = ..., confidence: _Optional[float] = ..., exit_tier: _Optional[str] = ..., exit_index: _Optional[int] = ...) -> None: ...
+
+class HopTrace(_message.Message):
+    __slots__ = ("tier", "samples_in", "samples_exited", "compute_ms", "bytes_received", "bytes_sent", "forward_ms", "flops")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_IN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_EXITED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    samples_in: int
+    samples_exited: int
+    compute_ms: float
+    bytes_received: int
+    bytes_sent: int
+    forward_ms: float
+    flops: float
+    def __init__(self, tier: _Optional[str] = ..., samples_in: _Optional[int] = ..., samples_exited: _Optional[int] = ..., compute_ms: _Optional[float] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., forward_ms: _Optional[float] = ..., flops: _Optional[float] = ...) -> None: ...
+
+class InferReply(_message.Message):
+    __slots__ = ("request_id", "predictions", "trace")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    trace: _containers.RepeatedCompositeFieldContainer[HopTrace]
+    def __init__(self, request_id: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., trace: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierDescription(_message.Message):
+    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers")
+    class GateParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    EXIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXIT_HEAD_FIELD_NUMBER: _ClassVar[int]
+    GATE_KIND_FIELD_NUMBER: _ClassVar[int]
+    GATE_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TIER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    FULL_NETWORK_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    model_id: str
+    architecture: str
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    exit_index: int
+    exit_head: str
+    gate_kind: str
+    gate_params: _containers.ScalarMap[str, float]
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    input_dtype: str
+    next_tier: str
+    segment_flops: float
+    head_flops: float
+    full_network_flops: float
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Data sources, training stages, calibration, export and in-process evaluation."""

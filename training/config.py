@@ -1,0 +1,55 @@
+"""The training configuration: defaults here, overridden by a TOML file (``--config``) and then by flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _h(text: str):
+    return field(default=None, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="synthetic", metadata={"help": "data spec: synthetic, cifar10:DIR, imagefolder:DIR"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling and the validation hold-out"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the training data held out for calibration"})
+    download: bool = field(default=False, metadata={"help": "allow torchvision to download CIFAR"})
+    limit_train: int | None = _h("use at most this many training samples")
+    limit_val: int | None = _h("use at most this many validation samples")
+    # Model
+    architecture: str = field(default="resnet18_cifar", metadata={"help": "registered backbone"})
+    width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
+    exit_points: list[int] = field(default_factory=lambda: [2, 4],
+                                   metadata={"help": "stage boundaries of the device and edge exits"})
+    exit_conv_channels: int = field(default=32, metadata={"help": "channels of the exit heads' conv (0 = none)"})
+    exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
+    # Optimisation
+    mode: str = field(default="joint", metadata={"help": "joint (weighted sum of exit losses) or staged"})
+    epochs: int = field(default=3, metadata={"help": "joint mode: epochs over the training data"})
+    epochs_backbone: int = field(default=3, metadata={"help": "staged mode: epochs of backbone training"})
+    epochs_exits: int = field(default=2, metadata={"help": "staged mode: epochs of exit training, backbone frozen"})
+    loss_weights: list[float] = field(default_factory=lambda: [0.5, 0.5, 1.0],
+                                      metadata={"help": "weight of each exit's loss, earliest first"})
+    batch_size: int = field(default=128, metadata={"help": "training batch size"})
+    lr: float = field(default=0.1, metadata={"help": "peak learning rate (SGD, one-cycle schedule)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    augment: str = field(default="auto", metadata={"help": "auto, none or crop_flip (auto: none for synthetic)"})
+    max_batches: int | None = _h("stop each epoch after this many batches (quick runs, tests)")
+    threads: int | None = _h("torch intra-op threads")
+    # Calibration (third stage)
+    gate: str = field(default="confidence", metadata={"help": "gate kind to calibrate: confidence or entropy"})
+    target_accuracy: float | None = _h("accuracy each early exit must keep (default: final exit's val accuracy)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("joint", "staged"):
+            raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
+        if self.augment not in ("auto", "none", "crop_flip"):
+            raise ValueError(f"augment must be auto, none or crop_flip, got {self.augment!r}")
+        if len(self.loss_weights) != len(self.exit_points) + 1:
+            raise ValueError(f"loss_weights needs {len(self.exit_points) + 1} values (one per exit), "
+                             f"got {self.loss_weights}")
+        if self.width <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError("width, batch_size and lr must be positive")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

@@ -1,0 +1,164 @@
+"""Data sources named by a spec string, loaded into memory as uint8 image tensors.
+
+Specs (``KIND[:PATH][:SPLIT]``):
+
+* ``synthetic`` / ``synthetic:train|val|test`` - the generated data set of ``training.synthetic`` (embedded default);
+* ``cifar10:DIR`` / ``cifar100:DIR`` - torchvision's CIFAR folder under ``DIR``; never downloaded unless asked;
+* ``imagefolder:DIR`` - one sub-folder per class. If ``DIR`` has ``train/`` and ``val/`` or ``test/`` those are the
+  splits; otherwise the images are partitioned once, deterministically, into train / val / test (80 / 10 / 10).
+
+Validation is always held out of the training data (a seeded 10% of CIFAR's train split), so thresholds are
+calibrated on data the model was not fitted to and results are reported on a split calibration never saw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import ConfigError
+from training import synthetic
+
+SPLITS = ("train", "val", "test")
+SYNTHETIC_SIZES = {"train": 20000, "val": 2000, "test": 2000}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
+
+
+@dataclass
+class ImageSet:
+    """A split in memory: uint8 images ``(N, C, H, W)``, int64 labels, class names (and difficulty if known)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    difficulty: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        diff = self.difficulty[index] if self.difficulty is not None else None
+        return ImageSet(self.images[index], self.labels[index], self.class_names, diff)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    path: Path | None
+    split: str | None
+
+
+def parse_spec(spec: str) -> DataSpec:
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    split = None
+    if parts and parts[-1] in SPLITS:
+        split = parts.pop()
+    path = ":".join(parts) or None
+    if kind == "synthetic":
+        if path:
+            raise ConfigError(f"bad data spec {spec!r}: synthetic takes only a split, e.g. synthetic:test")
+        return DataSpec(kind, None, split)
+    if kind in ("cifar10", "cifar100", "imagefolder"):
+        if not path:
+            raise ConfigError(f"bad data spec {spec!r}: {kind} needs a folder, e.g. {kind}:data/{kind}")
+        return DataSpec(kind, Path(path), split)
+    raise ConfigError(f"unknown data kind {kind!r} in {spec!r}; use synthetic, cifar10:DIR, cifar100:DIR or imagefolder:DIR")
+
+
+def _holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded permutation split of ``range(n)`` into (kept, held out)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(round(n * fraction))
+    return perm[k:], perm[:k]
+
+
+def _load_cifar(kind: str, root: Path, split: str, download: bool, val_fraction: float, seed: int) -> ImageSet:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+    try:
+        ds = cls(str(root), train=split != "test", download=download)
+    except RuntimeError as e:
+        raise ConfigError(f"{kind} not found under {root} ({e}); pass --download to fetch it") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    full = ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+    if split == "test":
+        return full
+    train_idx, val_idx = _holdout(len(full), val_fraction, seed)
+    return full.subset(train_idx if split == "train" else val_idx)
+
+
+def _read_folder(folder: Path, class_names: list[str], size: int) -> ImageSet:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
+    images, labels = [], []
+    for label, name in enumerate(class_names):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            img = decode_image(str(path), mode=ImageReadMode.RGB)
+            if img.shape[1:] != (size, size):
+                img = F.center_crop(F.resize(img, [size], antialias=True), [size, size])
+            images.append(img)
+            labels.append(label)
+    if not images:
+        raise ConfigError(f"no images found under {folder}")
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names)
+
+
+def _load_imagefolder(root: Path, split: str, size: int, val_fraction: float, seed: int) -> ImageSet:
+    if not root.is_dir():
+        raise ConfigError(f"image folder {root} does not exist")
+    if (root / "train").is_dir():
+        names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        held = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+        if split == "train" or held is None:
+            if held is None:
+                raise ConfigError(f"{root} has train/ but neither val/ nor test/")
+            full = _read_folder(root / "train", names, size)
+            train_idx, val_idx = _holdout(len(full), val_fraction, seed)
+            return full.subset(train_idx)
+        if split == "val":
+            full = _read_folder(root / "train", names, size)
+            return full.subset(_holdout(len(full), val_fraction, seed)[1])
+        return _read_folder(held, names, size)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
+        raise ConfigError(f"{root} has no class sub-folders")
+    full = _read_folder(root, names, size)
+    rest, test_idx = _holdout(len(full), 0.1, seed)
+    if split == "test":
+        return full.subset(test_idx)
+    k = int(round(len(full) * val_fraction))
+    return full.subset(rest[k:] if split == "train" else rest[:k])
+
+
+def load(
+    spec: str,
+    split: str,
+    *,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_size: int = 32,
+    limit: int | None = None,
+) -> ImageSet:
+    """Load ``split`` of the data named by ``spec`` (a split inside the spec wins over ``split``)."""
+    ds = parse_spec(spec)
+    split = ds.split or split
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if ds.kind == "synthetic":
+        n = SYNTHETIC_SIZES[split] if limit is None else min(limit, SYNTHETIC_SIZES[split])
+        images, labels, diff = synthetic.generate(n, seed=synthetic.SPLIT_SEEDS[split])
+        out = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), list(synthetic.CLASS_NAMES),
+                       torch.from_numpy(diff))
+    elif ds.kind in ("cifar10", "cifar100"):
+        out = _load_cifar(ds.kind, ds.path, split, download, val_fraction, seed)
+    else:
+        out = _load_imagefolder(ds.path, split, image_size, val_fraction, seed)
+    if limit is not None and len(out) > limit:
+        out = out.subset(torch.arange(limit))
+    return out

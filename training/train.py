@@ -1,0 +1,126 @@
+"""Train a multi-exit network, then calibrate its exit gates on held-out validation data.
+
+``python -m training.train --data SPEC --out DIR [--config FILE.toml] [--flag value ...]``
+
+Modes:
+* ``joint``  - every exit trained together on the weighted sum of their losses (``--loss-weights``);
+* ``staged`` - the backbone alone (final exit), then the exit heads on the frozen backbone.
+Either way the last stage calibrates one threshold per early exit on the validation split. Writes
+``DIR/checkpoint.safetensors`` (weights + JSON metadata), ``DIR/config.json`` and ``DIR/history.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.cli import run
+from common.config import add_config_args, resolve_config, save_config
+from common.models import ExitHeadSpec, ModelSpec, MultiExitNet
+from training import checkpoint
+from training.calibrate import calibrate_on
+from training.config import TrainConfig
+from training.data import ImageSet, load, parse_spec
+from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
+
+
+def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int, int]) -> MultiExitNet:
+    spec = ModelSpec(
+        architecture=cfg.architecture, num_classes=num_classes, width=cfg.width, input_shape=input_shape,
+        exit_points=tuple(cfg.exit_points),
+        exit_head=ExitHeadSpec(conv_channels=cfg.exit_conv_channels, conv_stride=cfg.exit_conv_stride),
+    )
+    return MultiExitNet(spec)
+
+
+def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], epochs: int, train: ImageSet,
+         val: ImageSet, cfg: TrainConfig, gen: torch.Generator, stage: str, freeze_backbone: bool) -> list[dict]:
+    """SGD with a one-cycle schedule over ``params`` for ``epochs``; returns one history entry per epoch."""
+    if epochs <= 0:
+        return []
+    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    if cfg.max_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch)
+    augment = cfg.augment == "crop_flip" or (cfg.augment == "auto" and parse_spec(cfg.data).kind != "synthetic")
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        if freeze_backbone:  # frozen BatchNorm statistics too: the backbone must stay exactly as trained
+            model.backbone.eval()
+            model.normalize.eval()
+        stats = train_one_epoch(
+            model, train, lambda outs, y: weighted_exit_loss(outs, y, weights), opt, sched,
+            batch_size=cfg.batch_size, generator=gen, augment=augment, max_batches=cfg.max_batches,
+            desc=f"{stage} {epoch + 1}/{epochs}",
+        )
+        stats.update(stage=stage, epoch=epoch + 1, val=evaluate(model, val))
+        print(f"[{stage}] epoch {epoch + 1}/{epochs}  loss {stats['loss']:.4f}  "
+              f"val exit accuracy {[round(a, 4) for a in stats['val']['exit_accuracy']]}  {stats['seconds']:.0f} s")
+        history.append(stats)
+    return history
+
+
+def train(cfg: TrainConfig, out: Path) -> dict:
+    """Run every stage of ``cfg``, write the checkpoint under ``out``, and return its metadata."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.json")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_set = load(cfg.data, "train", download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                     limit=cfg.limit_train)
+    val_set = load(cfg.data, "val", download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                   limit=cfg.limit_val)
+    print(f"data {cfg.data}: {len(train_set)} train, {len(val_set)} validation samples, "
+          f"{len(train_set.class_names)} classes")
+    model = build_model(cfg, len(train_set.class_names), tuple(train_set.images.shape[1:]))
+    history: list[dict] = []
+    if cfg.mode == "joint":
+        history += _fit(model, list(model.parameters()), cfg.loss_weights, cfg.epochs, train_set, val_set, cfg, gen,
+                        "joint", freeze_backbone=False)
+    else:
+        final_only = [0.0] * (model.num_exits - 1) + [1.0]
+        history += _fit(model, list(model.backbone.parameters()), final_only, cfg.epochs_backbone, train_set,
+                        val_set, cfg, gen, "backbone", freeze_backbone=False)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        exit_weights = list(cfg.loss_weights[:-1]) + [0.0]
+        history += _fit(model, list(model.exits.parameters()), exit_weights, cfg.epochs_exits, train_set, val_set,
+                        cfg, gen, "exits", freeze_backbone=True)
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+    model.eval()
+    calibration = calibrate_on(collect_logits(model, val_set), val_set.labels, cfg.target_accuracy, cfg.gate)
+    print(f"[calibrate] target accuracy {calibration['target_accuracy']:.4f}: gates {calibration['gates']}, "
+          f"validation accuracy {calibration['val_accuracy']:.4f}, exits {calibration['val_exit_counts']}")
+    meta = {"class_names": train_set.class_names, "gates": calibration["gates"], "calibration": calibration,
+            "config": json.loads((out / "config.json").read_text())}
+    checkpoint.save(model, meta, out / "checkpoint.safetensors")
+    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    return meta
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path, default=None, help="TOML file with TrainConfig keys")
+    add_config_args(p, TrainConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    cfg = resolve_config(TrainConfig, args.config, args)
+    train(cfg, args.out)
+    print(f"checkpoint written to {args.out / 'checkpoint.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
