@@ -1,9 +1,10 @@
 """torch tensors <-> ``splitexit.v1.Tensor`` messages: raw little-endian bytes, validated, never pickled.
 
 Decoding checks, before any memory is interpreted, that the dtype is on the allow-list, that rank and every
-dimension are within limits, and that the byte length equals ``prod(shape) * itemsize``. The decoded tensor shares
-memory with the message's bytes (zero copy) and is therefore read-only by contract: nothing downstream writes into
-its input in place.
+dimension are within limits, and that the byte length equals ``prod(shape) * itemsize``. The decoded tensor wraps the
+bytes object protobuf hands out for the field without a further copy, and is therefore read-only by contract:
+nothing downstream writes into its input in place. (protobuf's Python runtime materialises a bytes object on each
+field access, so ``decode`` reads ``data`` exactly once.)
 """
 from __future__ import annotations
 
@@ -87,9 +88,10 @@ def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tenso
     n = limits.check_shape(shape)
     torch_dtype, np_dtype = DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    if len(msg.data) != n * itemsize:
+    data = msg.data  # one access: each access may copy
+    if len(data) != n * itemsize:
         raise InvalidRequest(
-            f"tensor data has {len(msg.data)} bytes but shape {list(shape)} of {msg.dtype} needs {n * itemsize}"
+            f"tensor data has {len(data)} bytes but shape {list(shape)} of {msg.dtype} needs {n * itemsize}"
         )
     if n == 0:
         return torch.empty(shape, dtype=torch_dtype)
@@ -97,9 +99,9 @@ def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tenso
         with warnings.catch_warnings():
             # The bytes object is immutable; the tensor is read-only by contract (see module docstring).
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(msg.data, dtype=torch_dtype)
+            flat = torch.frombuffer(data, dtype=torch_dtype)
         if np_dtype is None and not LITTLE_ENDIAN:
             flat = flat.view(torch.int16).byteswap().view(torch_dtype)  # pragma: no cover (big-endian hosts)
     else:  # pragma: no cover - big-endian hosts need one byte-swapping copy
-        flat = torch.from_numpy(np.frombuffer(msg.data, dtype=np_dtype).astype(np_dtype.newbyteorder("=")))
+        flat = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).astype(np_dtype.newbyteorder("=")))
     return flat.view(shape)

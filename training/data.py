@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.errors import ConfigError
@@ -90,19 +91,27 @@ def _load_cifar(kind: str, root: Path, split: str, download: bool, val_fraction:
     return full.subset(train_idx if split == "train" else val_idx)
 
 
-def _read_folder(folder: Path, class_names: list[str], size: int) -> ImageSet:
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as F
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    """Decode one image to uint8 ``(3, size, size)``: shorter side resized to ``size``, then centre-cropped."""
+    from PIL import Image
 
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            scale = size / min(im.size)
+            im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                           Image.Resampling.BILINEAR)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _read_folder(folder: Path, class_names: list[str], size: int) -> ImageSet:
     images, labels = [], []
     for label, name in enumerate(class_names):
         files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files:
-            img = decode_image(str(path), mode=ImageReadMode.RGB)
-            if img.shape[1:] != (size, size):
-                img = F.center_crop(F.resize(img, [size], antialias=True), [size, size])
-            images.append(img)
-            labels.append(label)
+        images += [_read_image(path, size) for path in files]
+        labels += [label] * len(files)
     if not images:
         raise ConfigError(f"no images found under {folder}")
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names)

@@ -1,0 +1,65 @@
+"""The application side of the device: stream a data set to a running device tier and write the report.
+
+``python -m device.client --target HOST:PORT --data SPEC --batch-size N --report FILE [--bundle DIR]``
+
+Images are sent as the raw uint8 tensors a camera would give. With ``--bundle`` the same batches also run through
+the in-process chain of that bundle, and the report says how many predictions differ between the two.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.cli import address, positive_int, run
+from common.feed import feed_and_report
+from common.report import compare, format_summary, write_report
+from common.rpc import NextTierClient
+from proto import splitexit_pb2 as pb
+
+
+def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
+               gate_specs: list[str] | None = None, timeout_s: float = 120.0) -> dict:
+    """Feed ``images`` to the device tier at ``target``; compare with the in-process chain when ``bundle`` is given."""
+    client = NextTierClient(target, timeout_s=timeout_s)
+    try:
+        info = client.stub.Describe(pb.DescribeRequest(), timeout=timeout_s, wait_for_ready=True)
+        report, records = feed_and_report(client, images, labels, info.model_id, batch_size, list(info.tiers),
+                                          info.full_network_flops, run_id="client")
+    finally:
+        client.close()
+    report["model_id"] = info.model_id
+    if bundle is not None:
+        from training.evaluate import evaluate_in_process
+
+        ref_report, ref_records = evaluate_in_process(bundle, images, labels, batch_size, gate_specs)
+        compare(report, records, ref_records, ref_report)
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m device.client", description=__doc__.splitlines()[0])
+    p.add_argument("--target", type=address, required=True, help="HOST:PORT of the device tier")
+    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
+    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--limit", type=positive_int, default=None, help="send at most this many samples")
+    p.add_argument("--report", type=Path, default=None, help="write the report JSON here")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle root for the in-process comparison")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.data import load
+
+    args = get_args_parser().parse_args(argv)
+    data = load(args.data, args.split, limit=args.limit)
+    report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, timeout_s=args.timeout)
+    print(format_summary(report))
+    if args.report:
+        write_report(report, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

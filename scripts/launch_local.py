@@ -1,0 +1,193 @@
+"""Launch cloud, edge and device as three OS processes on free loopback ports, run the device client, stop them.
+
+``python -m scripts.launch_local --bundle DIR --data SPEC --report FILE [--batch-size N] [--limit N]``
+
+Each tier binds port 0 and writes the address it got to a ready file; the launcher starts the tiers last-to-first
+(each needs its next tier's address), waits until every one reports SERVING on the gRPC health service, runs the
+client, and stops all three with SIGTERM and a grace period - also on Ctrl-C or error. Tier processes ask the kernel
+to send them SIGTERM should the launcher die, so none is left orphaned.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from common.bundle import find_tier_folders, read_manifest
+from common.cli import positive_int, run
+from common.errors import SplitExitError
+from common.rpc import wait_for_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: Ctrl-C and the launcher's finally-block still stop the tiers
+
+
+@dataclass
+class TierProcess:
+    tier: str
+    process: subprocess.Popen
+    log_path: Path
+    address: str = ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalDeployment:
+    """Context manager running every tier of a bundle as its own process; ``device_address`` is the entry point."""
+
+    bundle: Path
+    host: str = "127.0.0.1"
+    gates: dict[str, str] = field(default_factory=dict)  # tier -> gate spec override
+    extra_args: dict[str, list[str]] = field(default_factory=dict)  # tier -> more command-line flags
+    log_dir: Path | None = None
+    # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy.
+    link: Callable[[str, str], str] | None = None
+    startup_timeout_s: float = 120.0
+    grace_s: float = 5.0
+    processes: list[TierProcess] = field(default_factory=list)
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {p.tier: p.address for p in self.processes}
+
+    @property
+    def device_address(self) -> str:
+        return self.addresses[self.tiers[0]]
+
+    def __post_init__(self) -> None:
+        self.folders = find_tier_folders(self.bundle)
+        self.tiers = [read_manifest(f)["tier"] for f in self.folders]
+
+    def __enter__(self) -> "LocalDeployment":
+        self._tmp = tempfile.TemporaryDirectory(prefix="splitexit-launch-")
+        log_dir = Path(self.log_dir or self._tmp.name)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            next_address = None
+            for tier, folder in reversed(list(zip(self.tiers, self.folders))):
+                proc = self._start(tier, folder, next_address, log_dir)
+                next_address = proc.address
+            for proc in self.processes:
+                wait_for_serving(proc.address, self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start(self, tier: str, folder: Path, next_address: str | None, log_dir: Path) -> TierProcess:
+        ready = Path(self._tmp.name) / f"{tier}.addr"
+        cmd = [sys.executable, "-m", tier, "--bundle", str(folder), "--listen", f"{self.host}:0",
+               "--ready-file", str(ready), "--grace", str(self.grace_s)]
+        if next_address:
+            cmd += ["--next", self.link(tier, next_address) if self.link else next_address]
+        if tier in self.gates:
+            cmd += ["--gate", self.gates[tier]]
+        cmd += self.extra_args.get(tier, [])
+        log_path = log_dir / f"{tier}.log"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        proc = TierProcess(tier, popen, log_path)
+        self.processes.append(proc)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not ready.exists():
+            if popen.poll() is not None:
+                raise SplitExitError(f"the {tier} tier exited with code {popen.returncode}:\n{proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise SplitExitError(f"the {tier} tier did not start within {self.startup_timeout_s:.0f} s")
+            time.sleep(0.05)
+        proc.address = ready.read_text().strip()
+        return proc
+
+    def stop(self) -> None:
+        """SIGTERM every tier (entry point first), wait for the grace period, then SIGKILL what is left."""
+        for proc in self.processes:
+            if proc.process.poll() is None:
+                proc.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s + 5.0
+        for proc in self.processes:
+            try:
+                proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.process.kill()
+                proc.process.wait()
+        self.processes.clear()
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
+
+
+def _parse_gates(values: list[str] | None) -> dict[str, str]:
+    gates = {}
+    for v in values or []:
+        tier, sep, spec = v.partition("=")
+        if not sep or not spec:
+            raise SplitExitError(f"bad --gate {v!r}: expected TIER=SPEC, e.g. device=confidence:0.9")
+        gates[tier] = spec
+    return gates
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.launch_local", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
+    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
+    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
+    p.add_argument("--report", type=Path, default=None, help="write the report JSON here")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--limit", type=positive_int, default=None, help="send at most this many samples")
+    p.add_argument("--gate", action="append", help="TIER=SPEC gate override, e.g. device=confidence:0.95")
+    p.add_argument("--host", default="127.0.0.1", help="address the tiers listen on (default 127.0.0.1)")
+    p.add_argument("--log-dir", type=Path, default=None, help="keep the tiers' logs here")
+    p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from device.client import run_client
+    from common.report import format_summary, write_report
+    from training.data import load
+
+    args = get_args_parser().parse_args(argv)
+    gates = _parse_gates(args.gate)
+    data = load(args.data, args.split, limit=args.limit)
+    deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, log_dir=args.log_dir)
+    unknown = set(gates) - set(deployment.tiers)
+    if unknown:
+        raise SplitExitError(f"--gate names unknown tiers {sorted(unknown)}; tiers are {deployment.tiers}")
+    with deployment:
+        print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
+        report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
+                            None if args.no_compare else args.bundle,
+                            [gates.get(t, "") for t in deployment.tiers])
+    report["data"] = args.data
+    print(format_summary(report))
+    if args.report:
+        write_report(report, args.report)
+        print(f"report written to {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

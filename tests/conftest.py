@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny trained model, its bundles, and a slice of the synthetic test split (all made in code)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.models import ExitHeadSpec, ModelSpec, MultiExitNet  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data import load  # noqa: E402
+
+
+def tiny_spec(**overrides) -> ModelSpec:
+    fields = dict(width=0.125, exit_points=(2, 4), exit_head=ExitHeadSpec(conv_channels=8, conv_stride=2))
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+@pytest.fixture
+def tiny_model() -> MultiExitNet:
+    torch.manual_seed(0)
+    model = MultiExitNet(tiny_spec())
+    # Non-trivial BatchNorm statistics, so eval-mode equivalence is not a coincidence of identity norms.
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A model trained for a few batches on synthetic data and calibrated: seconds, yet with mixed routing."""
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = TrainConfig(width=0.125, exit_conv_channels=8, epochs=1, max_batches=25, limit_train=3200,
+                      limit_val=400, batch_size=128)
+    train(cfg, out)
+    return out / "checkpoint.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    from training.export import export
+
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    export(tiny_run, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def test_slice():
+    return load("synthetic:test", "test", limit=192)

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from common.bundle import export_bundles, find_tier_folders, load_tier_bundle, read_manifest
+from common.errors import ConfigError
+from common.gates import ConfidenceGate, EntropyGate
+from common.split import split_model
+
+GATES = [ConfidenceGate(0.8), EntropyGate(0.3)]
+
+
+@pytest.fixture
+def exported(tiny_model, tmp_path):
+    export_bundles(tiny_model, GATES, tmp_path, [f"c{i}" for i in range(10)])
+    return tmp_path
+
+
+def test_each_tier_reloads_to_the_same_function(tiny_model, exported):
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    h = x
+    for segment, folder in zip(split_model(tiny_model), find_tier_folders(exported)):
+        bundle = load_tier_bundle(folder)
+        with torch.no_grad():
+            want_h, want_logits = segment(h)
+            got_h, got_logits = bundle.segment(h)
+        assert torch.equal(want_h, got_h) and torch.equal(want_logits, got_logits)
+        h = want_h
+
+
+def test_manifests(exported):
+    manifests = [read_manifest(f) for f in find_tier_folders(exported)]
+    assert [m["tier"] for m in manifests] == ["device", "edge", "cloud"]
+    assert len({m["model_id"] for m in manifests}) == 1
+    assert manifests[0]["input"] == {"shape": [3, 32, 32], "dtype": "uint8",
+                                     "normalization": {"mean": [0.4914, 0.4822, 0.4465],
+                                                       "std": [0.247, 0.2435, 0.2616]}}
+    assert manifests[1]["input"]["shape"] == manifests[0]["output_shape"]
+    assert manifests[0]["gate"] == {"kind": "confidence", "threshold": 0.8}
+    assert manifests[1]["gate"] == {"kind": "entropy", "threshold": 0.3}
+    assert manifests[2]["gate"] == {"kind": "always"} and manifests[2]["segment"]["exit_head"] == "final"
+    # The backbone's FLOPs are split across the tiers without loss: stages + final classifier = whole network;
+    # the early exit heads are extra.
+    stages = sum(m["flops"]["segment"] for m in manifests)
+    assert stages + manifests[2]["flops"]["head"] == manifests[0]["flops"]["full_network"]
+    assert all(m["flops"]["head"] > 0 for m in manifests)
+
+
+def test_each_tier_holds_only_its_own_weights(exported):
+    from safetensors.torch import load_file
+
+    keys = [set(load_file(str(f / "weights.safetensors"))) for f in find_tier_folders(exported)]
+    assert all(k.startswith(("stages.", "head.", "preprocess.")) for ks in keys for k in ks)
+    assert any(k.startswith("preprocess.") for k in keys[0])
+    assert not any(k.startswith("preprocess.") for k in keys[1] | keys[2])
+    device_params = sum(v.numel() for v in load_file(str(exported / "device" / "weights.safetensors")).values())
+    cloud_params = sum(v.numel() for v in load_file(str(exported / "cloud" / "weights.safetensors")).values())
+    assert device_params < cloud_params  # layer4 lives only in the cloud
+
+
+def test_tampered_weights_are_refused(exported):
+    path = exported / "edge" / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="checksum"):
+        load_tier_bundle(exported / "edge")
+
+
+def test_not_a_bundle(tmp_path, exported):
+    with pytest.raises(ConfigError, match="missing"):
+        load_tier_bundle(tmp_path / "nowhere")
+    manifest = json.loads((exported / "cloud" / "manifest.json").read_text())
+    manifest["format"] = "something-else"
+    (exported / "cloud" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="format"):
+        load_tier_bundle(exported / "cloud")
+
+
+def test_model_id_changes_with_weights(tiny_model, tmp_path):
+    export_bundles(tiny_model, GATES, tmp_path / "a", ["x"] * 10)
+    with torch.no_grad():
+        tiny_model.backbone.classifier[-1].bias.add_(1.0)
+    export_bundles(tiny_model, GATES, tmp_path / "b", ["x"] * 10)
+    ids = [read_manifest(tmp_path / r / "cloud")["model_id"] for r in ("a", "b")]
+    assert ids[0] != ids[1]

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from common.errors import ConfigError
+from training.data import load, parse_spec
+from training.synthetic import generate
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a_img, a_lab, a_diff = generate(500, seed=3)
+    b_img, b_lab, b_diff = generate(500, seed=3)
+    assert (a_img == b_img).all() and (a_lab == b_lab).all() and (a_diff == b_diff).all()
+    assert a_img.shape == (500, 3, 32, 32) and a_img.dtype.name == "uint8"
+    assert set(a_lab.tolist()) == set(range(10))
+    assert {0, 1, 2} == set(a_diff.tolist())
+    c_img, _, _ = generate(500, seed=4)
+    assert not (a_img == c_img).all()
+
+
+def test_splits_differ():
+    val = load("synthetic", "val", limit=100)
+    test = load("synthetic:test", "val", limit=100)  # the split in the spec wins
+    assert not torch.equal(val.images, test.images)
+    assert len(val) == 100 and val.class_names[0] == "class0"
+
+
+@pytest.mark.parametrize("spec, kind, path, split", [
+    ("synthetic", "synthetic", None, None),
+    ("synthetic:test", "synthetic", None, "test"),
+    ("cifar10:/data/c", "cifar10", "/data/c", None),
+    ("imagefolder:/a/b:val", "imagefolder", "/a/b", "val"),
+])
+def test_parse_spec(spec, kind, path, split):
+    s = parse_spec(spec)
+    assert (s.kind, str(s.path) if s.path else None, s.split) == (kind, path, split)
+
+
+@pytest.mark.parametrize("spec", ["mnist", "cifar10", "synthetic:foo", "imagefolder:"])
+def test_bad_specs(spec):
+    with pytest.raises(ConfigError):
+        parse_spec(spec)
+
+
+def test_cifar_without_download_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--download"):
+        load(f"cifar10:{tmp_path}", "train")
+
+
+def test_imagefolder_partitions_deterministically(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(20):
+            value = 5 * i + (100 if c == "dog" else 0)
+            Image.new("RGB", (40, 36) if i % 2 else (32, 32), (value,) * 3).save(tmp_path / c / f"{i}.png")
+    parts = {s: load(f"imagefolder:{tmp_path}", s) for s in ("train", "val", "test")}
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [32, 4, 4]
+    assert parts["train"].class_names == ["cat", "dog"]
+    seen = [tuple(img[0, 0, 0].item() + 1000 * lab for img, lab in zip(p.images, p.labels.tolist()))
+            for p in parts.values()]
+    assert not (set(seen[0]) & set(seen[1])) and not (set(seen[0]) & set(seen[2]))
+    again = load(f"imagefolder:{tmp_path}", "val")
+    assert torch.equal(again.images, parts["val"].images)

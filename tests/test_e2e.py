@@ -1,0 +1,144 @@
+"""End to end: three real tier processes on free loopback ports, driven over gRPC."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from common import codec
+from common.rpc import wait_for_serving
+from device.client import run_client
+from proto import splitexit_pb2 as pb
+from proto import splitexit_pb2_grpc as pb_grpc
+from scripts.launch_local import LocalDeployment
+from tests.grpc_tools_for_tests import CountingProxy
+from training import checkpoint
+from training.engine import collect_logits
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def mixed_gates(tiny_run, test_slice) -> dict[str, str]:
+    """Thresholds at the median confidence of each exit on the test slice, so every tier answers a share."""
+    model, _ = checkpoint.load(tiny_run)
+    logits = collect_logits(model, test_slice)
+    conf0 = logits[0].softmax(1).max(1).values
+    t0 = float(conf0.median())
+    rest = conf0 < t0
+    t1 = float(logits[1][rest].softmax(1).max(1).values.median())
+    return {"device": f"confidence:{t0!r}", "edge": f"confidence:{t1!r}"}
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_bundle, mixed_gates):
+    proxies: dict[str, CountingProxy] = {}
+
+    def via_proxy(tier: str, upstream: str) -> str:
+        proxies[tier] = CountingProxy(upstream)
+        return proxies[tier].address
+
+    with LocalDeployment(tiny_bundle, gates=mixed_gates, link=via_proxy, startup_timeout_s=TIMEOUT) as dep:
+        dep.proxies = proxies
+        yield dep
+    for proxy in proxies.values():
+        proxy.stop()
+
+
+def test_distributed_predictions_equal_in_process(deployment, tiny_bundle, mixed_gates, test_slice):
+    gates = [mixed_gates.get(t, "") for t in deployment.tiers]
+    report = run_client(deployment.device_address, test_slice.images, test_slice.labels, 32, tiny_bundle, gates)
+    assert report["samples"] == len(test_slice)
+    assert report["prediction_mismatches"] == 0
+    assert report["accuracy"] == report["in_process_accuracy"]
+    assert all(report["exits"][t] > 0 for t in ("device", "edge", "cloud")), report["exits"]
+    assert sum(report["exits"].values()) == len(test_slice)
+    assert 0 < report["flops"]["saved_fraction"] < 1
+
+
+def test_reported_bytes_equal_bytes_on_the_wire(deployment, test_slice):
+    for proxy in deployment.proxies.values():
+        proxy.sizes.clear()
+    report = run_client(deployment.device_address, test_slice.images, test_slice.labels, 48)
+    assert report["bytes"]["device_to_edge"] == sum(deployment.proxies["device"].sizes) > 0
+    assert report["bytes"]["edge_to_cloud"] == sum(deployment.proxies["edge"].sizes) > 0
+    # Each forwarded sample carries a float32 feature map: the link bytes are dominated by it.
+    n_edge = report["exits"]["edge"] + report["exits"]["cloud"]
+    assert report["bytes"]["device_to_edge"] > n_edge * 16 * 32 * 32 * 4 * 0.5
+
+
+@pytest.mark.parametrize("gates, tier", [
+    ({"device": "always"}, "device"),
+    ({"device": "never", "edge": "never"}, "cloud"),
+    ({"device": "never", "edge": "always"}, "edge"),
+])
+def test_accept_all_or_nothing_routes_every_sample_to_one_tier(tiny_bundle, test_slice, gates, tier):
+    with LocalDeployment(tiny_bundle, gates=gates, startup_timeout_s=TIMEOUT) as dep:
+        report = run_client(dep.device_address, test_slice.images[:64], test_slice.labels[:64], 16)
+    assert report["exits"][tier] == 64
+    if tier == "device":
+        assert report["bytes"]["device_to_edge"] == 0 and report["bytes"]["edge_to_cloud"] == 0
+    if tier == "cloud":
+        assert report["flops"]["saved_fraction"] < 0  # exits that never fire only cost their heads
+
+
+def _stub(address: str) -> pb_grpc.TierStub:
+    return pb_grpc.TierStub(grpc.insecure_channel(address))
+
+
+def _request(model_id: str, images: torch.Tensor, ids=None) -> pb.InferRequest:
+    ids = list(range(len(images))) if ids is None else ids
+    return pb.InferRequest(request_id="t", model_id=model_id, sample_ids=ids, tensor=codec.encode(images))
+
+
+def test_bad_requests_get_clear_status_codes_and_the_tier_keeps_serving(deployment, test_slice):
+    stub = _stub(deployment.device_address)
+    info = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT)
+    images = test_slice.images[:4]
+
+    def expect(request, code, words):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Infer(request, timeout=TIMEOUT)
+        assert err.value.code() == code
+        assert words in err.value.details()
+
+    expect(_request("not-my-model", images), grpc.StatusCode.FAILED_PRECONDITION, "model id")
+    bad = _request(info.model_id, images)
+    bad.tensor.data = bad.tensor.data[:-5]
+    expect(bad, grpc.StatusCode.INVALID_ARGUMENT, "bytes")
+    bad = _request(info.model_id, images)
+    bad.tensor.dtype = "pickle"
+    expect(bad, grpc.StatusCode.INVALID_ARGUMENT, "dtype")
+    expect(_request(info.model_id, images.float()), grpc.StatusCode.FAILED_PRECONDITION, "uint8")
+    expect(_request(info.model_id, images[:, :, :16]), grpc.StatusCode.FAILED_PRECONDITION, "shape")
+    expect(_request(info.model_id, images, ids=[1, 1, 2, 3]), grpc.StatusCode.INVALID_ARGUMENT, "duplicate")
+    expect(pb.InferRequest(model_id=info.model_id), grpc.StatusCode.INVALID_ARGUMENT, "no tensor")
+    # The edge refuses raw images: it takes the device's features.
+    edge = _stub(deployment.addresses["edge"])
+    with pytest.raises(grpc.RpcError) as err:
+        edge.Infer(_request(info.model_id, images), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    reply = stub.Infer(_request(info.model_id, images), timeout=TIMEOUT)
+    assert [p.sample_id for p in reply.predictions] == [0, 1, 2, 3]
+    wait_for_serving(deployment.device_address, timeout_s=5)
+
+
+def test_describe(deployment):
+    infos = {t: _stub(a).Describe(pb.DescribeRequest(), timeout=TIMEOUT) for t, a in deployment.addresses.items()}
+    assert list(infos["device"].tiers) == ["device", "edge", "cloud"]
+    assert len({i.model_id for i in infos.values()}) == 1
+    assert infos["device"].input_dtype == "uint8" and list(infos["device"].input_shape) == [3, 32, 32]
+    assert list(infos["device"].stages) == ["stem", "layer1"]
+    assert infos["device"].gate_kind == "confidence" and "threshold" in infos["device"].gate_params
+    assert infos["cloud"].gate_kind == "always" and infos["cloud"].next_tier == ""
+    assert infos["edge"].input_dtype == "float32"
+
+
+def test_stopping_leaves_no_process_behind(tiny_bundle):
+    dep = LocalDeployment(tiny_bundle, startup_timeout_s=TIMEOUT)
+    with dep:
+        procs = [p.process for p in dep.processes]
+        assert all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+    assert [p.returncode for p in procs] == [0, 0, 0]  # SIGTERM -> drain -> clean exit

@@ -1,0 +1,103 @@
+"""TierRuntime without any network: the next tier is a plain function."""
+import pytest
+import torch
+from torch import nn
+
+from common.errors import DownstreamError, InvalidRequest, PreconditionFailed
+from common.gates import ConfidenceGate, ConstantGate
+from common.runtime import Answer, Batch, Forwarded, Prediction, TierRuntime, TierSpec
+
+
+class ToySegment(nn.Module):
+    """Features = input + 1; logits put all mass on class 1 when the row's first value is large, else uniform."""
+
+    def forward(self, x):
+        features = x + 1
+        confident = (x[:, 0] > 0).float() * 20
+        logits = torch.zeros(len(x), 3)
+        logits[:, 1] = confident
+        return features, logits
+
+
+def spec(**kw):
+    base = dict(tier="device", model_id="m1", exit_index=0, input_shape=(2,), input_dtype=torch.float32,
+                flops_per_sample=100.0, is_last=False, max_batch=16)
+    base.update(kw)
+    return TierSpec(**base)
+
+
+class FakeNext:
+    """Records what it is sent and answers every sample with label 2 from 'cloud'."""
+
+    def __init__(self, drop: int = 0):
+        self.calls: list[Batch] = []
+        self.drop = drop
+
+    def __call__(self, batch: Batch) -> Forwarded:
+        self.calls.append(batch)
+        preds = [Prediction(i, 2, 0.5, "cloud", 2) for i in batch.sample_ids[self.drop:]]
+        return Forwarded(Answer(batch.request_id, preds, []), 1234)
+
+
+def batch(values, ids=None, model_id="m1"):
+    x = torch.tensor(values, dtype=torch.float32)
+    return Batch("r1", model_id, ids if ids is not None else list(range(10, 10 + len(x))), x)
+
+
+def test_exits_answer_here_and_only_the_rest_is_forwarded():
+    nxt = FakeNext()
+    rt = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), nxt)
+    answer = rt.process(batch([[5, 0], [-5, 0], [3, 1], [-1, 7]]), bytes_received=99)
+    assert [p.sample_id for p in answer.predictions] == [10, 11, 12, 13]  # request order kept
+    assert [p.exit_tier for p in answer.predictions] == ["device", "cloud", "device", "cloud"]
+    assert [p.label for p in answer.predictions] == [1, 2, 1, 2]
+    assert len(nxt.calls) == 1
+    sent = nxt.calls[0]
+    assert sent.sample_ids == [11, 13] and sent.model_id == "m1" and sent.request_id == "r1"
+    assert torch.equal(sent.tensor, torch.tensor([[-4.0, 1.0], [0.0, 8.0]]))  # the features, not the input
+    hop = answer.trace[0]
+    assert (hop.tier, hop.samples_in, hop.samples_exited, hop.bytes_received, hop.bytes_sent, hop.flops) == (
+        "device", 4, 2, 99, 1234, 400.0)
+
+
+def test_nothing_forwarded_when_all_exit():
+    nxt = FakeNext()
+    answer = TierRuntime(spec(), ToySegment(), ConstantGate(True), nxt).process(batch([[1, 1], [-1, 1]]))
+    assert nxt.calls == [] and answer.trace[0].bytes_sent == 0
+    assert {p.exit_tier for p in answer.predictions} == {"device"}
+
+
+def test_last_tier_answers_everything_whatever_its_gate():
+    rt = TierRuntime(spec(tier="cloud", is_last=True, exit_index=2), ToySegment(), ConstantGate(False))
+    answer = rt.process(batch([[-1, 0], [-2, 0]]))
+    assert [p.exit_tier for p in answer.predictions] == ["cloud", "cloud"]
+    assert [p.exit_index for p in answer.predictions] == [2, 2]
+
+
+def test_non_last_tier_needs_a_next_tier():
+    with pytest.raises(ValueError, match="next tier"):
+        TierRuntime(spec(), ToySegment(), ConstantGate(False), None)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: batch([[1, 1]], model_id="other"), PreconditionFailed, "model id"),
+    (lambda: Batch("r", "m1", [], torch.zeros(0, 2)), InvalidRequest, "empty batch"),
+    (lambda: batch([[1, 1], [2, 2]], ids=[3, 3]), InvalidRequest, "duplicate sample ids"),
+    (lambda: batch([[1, 1], [2, 2]], ids=[3]), InvalidRequest, "first dimension"),
+    (lambda: batch([[1, 1, 1]]), PreconditionFailed, "per-sample shape"),
+    (lambda: Batch("r", "m1", [1], torch.zeros(1, 2, dtype=torch.float64)), PreconditionFailed, "float32"),
+    (lambda: batch([[float("nan"), 1]]), InvalidRequest, "NaN or Inf"),
+    (lambda: batch([[float("inf"), 1]]), InvalidRequest, "NaN or Inf"),
+    (lambda: batch([[1, 1]] * 17), InvalidRequest, "exceeds"),
+])
+def test_bad_batches_are_refused_before_any_compute(make, error, message):
+    nxt = FakeNext()
+    with pytest.raises(error, match=message):
+        TierRuntime(spec(), ToySegment(), ConstantGate(False), nxt).process(make())
+    assert nxt.calls == []
+
+
+def test_next_tier_losing_samples_is_an_error():
+    rt = TierRuntime(spec(), ToySegment(), ConstantGate(False), FakeNext(drop=1))
+    with pytest.raises(DownstreamError, match="answered 1 samples for 2 sent"):
+        rt.process(batch([[1, 1], [2, 2]]))
