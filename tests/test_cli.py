@@ -1,0 +1,40 @@
+"""Bad command-line values stop with one readable line, not a traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("cloud", "--bundle", "/nonexistent", "--listen", "127.0.0.1:0"), "is not a tier bundle"),
+    (("edge", "--bundle", "/nonexistent", "--listen", "nonsense"), "expected HOST:PORT"),
+    (("device", "--bundle", "/x", "--max-batch", "-3"), "positive integer"),
+    (("training.train", "--out", "/tmp/never", "--epochs", "many"), "epochs"),
+    (("training.train", "--out", "/tmp/never", "--mode", "sideways"), "mode"),
+    (("training.export", "--checkpoint", "/nonexistent.safetensors", "--out", "/tmp/never"), "does not exist"),
+    (("scripts.launch_local", "--bundle", "/nonexistent"), "holds no exported bundle"),
+    (("device.client", "--target", "127.0.0.1:1", "--data", "mnist"), "unknown data kind"),
+])
+def test_one_line_errors(args, words):
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert words in result.stderr.strip().splitlines()[-1]  # the one line that says what was wrong
+
+
+def test_tier_refuses_a_bundle_of_another_tier(tiny_bundle):
+    result = run("edge", "--bundle", str(tiny_bundle / "cloud"), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2 and "is the cloud bundle, not the edge bundle" in result.stderr
+
+
+def test_tier_needs_next_unless_last(tiny_bundle):
+    result = run("edge", "--bundle", str(tiny_bundle), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2 and "needs --next" in result.stderr
+    result = run("cloud", "--bundle", str(tiny_bundle), "--listen", "127.0.0.1:0", "--next", "127.0.0.1:9")
+    assert result.returncode == 2 and "takes no --next" in result.stderr

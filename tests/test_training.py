@@ -1,0 +1,67 @@
+import json
+
+import torch
+
+from common.gates import gate_from_dict
+from training import checkpoint
+from training.calibrate import cascade
+from training.config import TrainConfig
+from training.engine import augment_crop_flip, collect_logits
+from training.evaluate import evaluate_in_process
+from training.train import train
+
+
+def test_joint_run_writes_a_calibrated_checkpoint(tiny_run):
+    model, meta = checkpoint.load(tiny_run)
+    assert len(meta["gates"]) == 2 and meta["class_names"][0] == "class0"
+    cal = meta["calibration"]
+    assert cal["val_samples"] == 400 and sum(cal["val_exit_counts"]) == 400
+    assert json.loads((tiny_run.parent / "config.json").read_text())["width"] == 0.125
+    history = json.loads((tiny_run.parent / "history.json").read_text())
+    assert history[0]["samples"] == 25 * 128
+    assert history[0]["loss"] > 0
+
+
+def test_staged_mode_trains_exits_on_a_frozen_backbone(tmp_path):
+    cfg = TrainConfig(width=0.125, exit_conv_channels=8, mode="staged", epochs_backbone=1, epochs_exits=1,
+                      max_batches=3, limit_train=512, limit_val=128, batch_size=64)
+    train(cfg, tmp_path / "staged")
+    history = json.loads((tmp_path / "staged" / "history.json").read_text())
+    assert [h["stage"] for h in history] == ["backbone", "exits"]
+
+    # Re-run stage 2 by hand from the stage-1 state: the backbone (BatchNorm statistics included) must not move.
+    from training.train import _fit, build_model
+    from training.data import load
+
+    data = load("synthetic", "train", limit=256)
+    model = build_model(cfg, 10, (3, 32, 32))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    _fit(model, list(model.exits.parameters()), [1.0, 1.0, 0.0], 1, data, data.subset(torch.arange(64)), cfg,
+         torch.Generator().manual_seed(0), "exits", freeze_backbone=True)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(a, b) for a, b in zip(model.exits.state_dict().values(),
+                                                      build_model(cfg, 10, (3, 32, 32)).exits.state_dict().values()))
+
+
+def test_in_process_chain_matches_the_whole_model_cascade(tiny_run, tiny_bundle, test_slice):
+    """Really exiting (smaller batches downstream) gives the same answers as gating the whole model's outputs."""
+    model, meta = checkpoint.load(tiny_run)
+    logits = collect_logits(model, test_slice)
+    gates = [gate_from_dict(g) for g in meta["gates"]]
+    sim = cascade(logits, test_slice.labels, gates)
+    report, _ = evaluate_in_process(tiny_bundle, test_slice.images, test_slice.labels, batch_size=64)
+    assert report["accuracy"] == sim["accuracy"]
+    assert [report["exits"][t] for t in ("device", "edge", "cloud")] == sim["exit_counts"]
+
+
+def test_crop_flip_augmentation_keeps_shape_and_content():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    y = augment_crop_flip(x, g)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    # Some crop differs, and a zero-offset, unflipped view of the centre is still the image's own pixels.
+    assert not torch.equal(x, y)
+    assert torch.equal(augment_crop_flip(x, g, pad=0)[:, :, :, :].sort(-1).values, x.sort(-1).values)
