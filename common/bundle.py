@@ -73,30 +73,28 @@ def export_bundles(
     if len(gates) < len(plans) - 1:
         raise ConfigError(f"need a gate for each of the {len(plans) - 1} early exits, got {len(gates)}")
     model = model.eval()
-    full_flops = count_flops(_Backbone(model), torch.zeros((1, *spec.input_shape), dtype=torch.uint8))
     x = torch.zeros((1, *spec.input_shape), dtype=torch.uint8)
-    records = []
+    full_flops = count_flops(_Backbone(model), x)
+    parts = []  # (plan, segment, example input, stage FLOPs, head FLOPs, output shape)
     for plan in plans:
-        segment = build_segment(model, plan)
+        segment = build_segment(model, plan).eval()
         stage_flops = count_flops(_Stages(segment), x)
-        total_flops = count_flops(segment, x)
+        head_flops = count_flops(segment, x) - stage_flops
         with torch.no_grad():
-            features, _ = segment.eval()(x)
-        records.append((plan, segment, x, stage_flops, total_flops - stage_flops, tuple(features.shape[1:])))
+            features, _ = segment(x)
+        parts.append((plan, segment, x, stage_flops, head_flops, tuple(features.shape[1:])))
         x = features
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
     folders = []
-    for plan, segment, x_in, seg_flops, head_flops, out_shape in records:
+    for plan, segment, *_ in parts:
         folder = out / plan.tier
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().clone() for k, v in segment.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS))
-        folders.append(folder)
-    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
-    for folder in folders:
+        save_file({k: v.detach().contiguous().clone() for k, v in segment.state_dict().items()}, str(folder / WEIGHTS))
         digest.update(_sha256(folder / WEIGHTS).encode())
+        folders.append(folder)
     model_id = f"{spec.architecture}-{digest.hexdigest()[:16]}"
-    for (plan, _seg, x_in, seg_flops, head_flops, out_shape), folder in zip(records, folders):
-        gate = gates[plan.index] if not plan.is_last else gate_from_dict({"kind": "always"})
+    for (plan, _, x_in, seg_flops, head_flops, out_shape), folder in zip(parts, folders):
+        gate = gate_from_dict({"kind": "always"}) if plan.is_last else gates[plan.index]
         manifest = {
             "format": FORMAT,
             "model_id": model_id,

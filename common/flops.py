@@ -13,11 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 @torch.no_grad()
 def count_flops(module: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of ``module(example)``, divided by the batch size of ``example``."""
-    was_training = module.training
+    # Count in eval mode (BatchNorm must not update its statistics), then restore every submodule's own mode:
+    # a wrapper's single flag would not describe the modules it wraps.
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with FlopCounterMode(display=False) as counter:
             module(example)
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     return int(counter.get_total_flops() // max(1, example.shape[0]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import threading
@@ -57,8 +58,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
 
     m = bundle.manifest
     itemsize_in = torch.empty((), dtype=spec.input_dtype).element_size()
-    in_bytes = itemsize_in * _prod(m["input"]["shape"])
-    out_bytes = 4 * _prod(m["output_shape"])
+    in_bytes = itemsize_in * math.prod(m["input"]["shape"])
+    out_bytes = 4 * math.prod(m["output_shape"])
     limit = message_limit(in_bytes, out_bytes, args.max_batch)
     forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
     runtime = TierRuntime(spec, bundle.segment, gate, forward)
@@ -85,10 +86,3 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     if forward is not None:
         forward.close()
     return 0
-
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -85,3 +85,10 @@ def test_model_id_changes_with_weights(tiny_model, tmp_path):
     export_bundles(tiny_model, GATES, tmp_path / "b", ["x"] * 10)
     ids = [read_manifest(tmp_path / r / "cloud")["model_id"] for r in ("a", "b")]
     assert ids[0] != ids[1]
+
+
+def test_export_leaves_the_model_untouched(tiny_model, tmp_path):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    export_bundles(tiny_model, GATES, tmp_path, ["x"] * 10)
+    assert not any(m.training for m in tiny_model.modules())
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())

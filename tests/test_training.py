@@ -65,3 +65,22 @@ def test_crop_flip_augmentation_keeps_shape_and_content():
     # Some crop differs, and a zero-offset, unflipped view of the centre is still the image's own pixels.
     assert not torch.equal(x, y)
     assert torch.equal(augment_crop_flip(x, g, pad=0)[:, :, :, :].sort(-1).values, x.sort(-1).values)
+
+
+def test_uncalibrated_checkpoint_is_refused_until_calibrated(tiny_run, tmp_path):
+    import pytest
+
+    from common.errors import ConfigError
+    from training import calibrate
+    from training.export import export
+
+    model, meta = checkpoint.load(tiny_run)
+    path = tmp_path / "interrupted.safetensors"
+    checkpoint.save(model, {**meta, "gates": None, "progress": {"stage": "joint", "epoch": 1}}, path)
+    with pytest.raises(ConfigError, match="not calibrated"):
+        export(path, tmp_path / "bundle")
+    assert calibrate.main(["--checkpoint", str(path), "--target-accuracy", "0.5", "--gate", "entropy"]) == 0
+    _, meta2 = checkpoint.load(path)
+    assert [g["kind"] for g in meta2["gates"]] != [] and meta2["calibration"]["target_accuracy"] == 0.5
+    assert all(g["kind"] in ("entropy", "never") for g in meta2["gates"])
+    assert len(export(path, tmp_path / "bundle")) == 3

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     model, meta = checkpoint.load(args.checkpoint)
-    data_spec = args.data or meta["config"]["data"]
-    val = load(data_spec, "val", val_fraction=meta["config"]["val_fraction"], seed=meta["config"]["seed"])
+    cfg = meta["config"]
+    data_spec = args.data or cfg["data"]
+    val = load(data_spec, "val", val_fraction=cfg["val_fraction"], seed=cfg["seed"], limit=cfg.get("limit_val"))
     logits = collect_logits(model, val)
     result = calibrate_on(logits, val.labels, args.target_accuracy, args.gate)
     meta["gates"], meta["calibration"] = result["gates"], result

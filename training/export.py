@@ -22,6 +22,9 @@ def export(checkpoint_path: Path, out: Path, gate_specs: list[str] | None = None
         if len(gate_specs) != model.num_exits - 1:
             raise ConfigError(f"give one --gate per early exit ({model.num_exits - 1}), got {len(gate_specs)}")
         gates = [parse_gate(s) for s in gate_specs]
+    elif meta.get("gates") is None:
+        raise ConfigError(f"{checkpoint_path} is not calibrated yet (training stopped at {meta.get('progress')}): "
+                          "run python -m training.calibrate --checkpoint FILE, or pass --gate per exit")
     else:
         gates = [gate_from_dict(g) for g in meta["gates"]]
     return export_bundles(model, gates, out, meta["class_names"])

@@ -6,13 +6,15 @@ Modes:
 * ``joint``  - every exit trained together on the weighted sum of their losses (``--loss-weights``);
 * ``staged`` - the backbone alone (final exit), then the exit heads on the frozen backbone.
 Either way the last stage calibrates one threshold per early exit on the validation split. Writes
-``DIR/checkpoint.safetensors`` (weights + JSON metadata), ``DIR/config.json`` and ``DIR/history.json``.
+``DIR/checkpoint.safetensors`` (weights + JSON metadata; also after every epoch, uncalibrated, so an interrupted run
+can be calibrated with ``training.calibrate`` and exported), ``DIR/config.json`` and ``DIR/history.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,7 +39,8 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int,
 
 
 def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], epochs: int, train: ImageSet,
-         val: ImageSet, cfg: TrainConfig, gen: torch.Generator, stage: str, freeze_backbone: bool) -> list[dict]:
+         val: ImageSet, cfg: TrainConfig, gen: torch.Generator, stage: str, freeze_backbone: bool,
+         on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """SGD with a one-cycle schedule over ``params`` for ``epochs``; returns one history entry per epoch."""
     if epochs <= 0:
         return []
@@ -62,6 +65,8 @@ def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], 
         print(f"[{stage}] epoch {epoch + 1}/{epochs}  loss {stats['loss']:.4f}  "
               f"val exit accuracy {[round(a, 4) for a in stats['val']['exit_accuracy']]}  {stats['seconds']:.0f} s")
         history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
     return history
 
 
@@ -80,28 +85,35 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     print(f"data {cfg.data}: {len(train_set)} train, {len(val_set)} validation samples, "
           f"{len(train_set.class_names)} classes")
     model = build_model(cfg, len(train_set.class_names), tuple(train_set.images.shape[1:]))
+    ckpt = out / "checkpoint.safetensors"
+    base_meta = {"class_names": train_set.class_names, "config": json.loads((out / "config.json").read_text())}
+
+    def save_progress(stats: dict) -> None:
+        # An uncalibrated checkpoint after every epoch: an interrupted run can still be calibrated and exported.
+        checkpoint.save(model, {**base_meta, "gates": None, "progress": {k: stats[k] for k in ("stage", "epoch")}},
+                        ckpt)
+
     history: list[dict] = []
     if cfg.mode == "joint":
         history += _fit(model, list(model.parameters()), cfg.loss_weights, cfg.epochs, train_set, val_set, cfg, gen,
-                        "joint", freeze_backbone=False)
+                        "joint", freeze_backbone=False, on_epoch=save_progress)
     else:
         final_only = [0.0] * (model.num_exits - 1) + [1.0]
         history += _fit(model, list(model.backbone.parameters()), final_only, cfg.epochs_backbone, train_set,
-                        val_set, cfg, gen, "backbone", freeze_backbone=False)
+                        val_set, cfg, gen, "backbone", freeze_backbone=False, on_epoch=save_progress)
         for p in model.backbone.parameters():
             p.requires_grad_(False)
         exit_weights = list(cfg.loss_weights[:-1]) + [0.0]
         history += _fit(model, list(model.exits.parameters()), exit_weights, cfg.epochs_exits, train_set, val_set,
-                        cfg, gen, "exits", freeze_backbone=True)
+                        cfg, gen, "exits", freeze_backbone=True, on_epoch=save_progress)
         for p in model.backbone.parameters():
             p.requires_grad_(True)
     model.eval()
     calibration = calibrate_on(collect_logits(model, val_set), val_set.labels, cfg.target_accuracy, cfg.gate)
     print(f"[calibrate] target accuracy {calibration['target_accuracy']:.4f}: gates {calibration['gates']}, "
           f"validation accuracy {calibration['val_accuracy']:.4f}, exits {calibration['val_exit_counts']}")
-    meta = {"class_names": train_set.class_names, "gates": calibration["gates"], "calibration": calibration,
-            "config": json.loads((out / "config.json").read_text())}
-    checkpoint.save(model, meta, out / "checkpoint.safetensors")
+    meta = {**base_meta, "gates": calibration["gates"], "calibration": calibration}
+    checkpoint.save(model, meta, ckpt)
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return meta
 
