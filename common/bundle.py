@@ -139,6 +139,7 @@ class _Stages(torch.nn.Module):
 
 
 def read_manifest(folder: Path) -> dict:
+    """Read and validate ``folder/manifest.json``; any problem is a ``ConfigError`` naming the file."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ConfigError(f"{folder} is not a tier bundle: {MANIFEST} is missing")
@@ -146,9 +147,39 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{path} has format {manifest.get('format')!r}; this build reads {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ConfigError(f"{path} has format {got!r}; this build reads {FORMAT!r}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+_REQUIRED = {
+    "model_id": str, "tier": str, "tier_index": int, "tiers": list, "model": dict, "segment": dict, "gate": dict,
+    "input": dict, "output_shape": list, "class_names": list, "flops": dict, "weights": dict,
+}
+
+
+def _check_manifest(m: dict, path: Path) -> None:
+    """Refuse a manifest with missing or mistyped fields, so loading fails with a message, not a KeyError."""
+    for key, kind in _REQUIRED.items():
+        if not isinstance(m.get(key), kind):
+            raise ConfigError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    if not 0 <= m["tier_index"] < len(m["tiers"]) or m["tiers"][m["tier_index"]] != m["tier"]:
+        raise ConfigError(f"{path}: tier {m['tier']!r} / tier_index {m['tier_index']} disagree with tiers {m['tiers']}")
+    weights = m["weights"].get("file")
+    if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
+        raise ConfigError(f"{path}: weights file must be a plain file name inside the bundle, got {weights!r}")
+    for key in ("segment", "head", "full_network"):
+        if not isinstance(m["flops"].get(key), (int, float)):
+            raise ConfigError(f"{path}: flops.{key} is missing")
+    for key in ("shape", "dtype"):
+        if key not in m["input"]:
+            raise ConfigError(f"{path}: input.{key} is missing")
+    if m["input"]["dtype"] not in ("uint8", "float32"):
+        raise ConfigError(f"{path}: input dtype {m['input']['dtype']!r} is not one a tier accepts")
+    if "exit_index" not in m["segment"]:
+        raise ConfigError(f"{path}: segment.exit_index is missing")
 
 
 def load_tier_bundle(folder: Path) -> TierBundle:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable
 
-from common.errors import SplitExitError
+from common.errors import ConfigError, SplitExitError
 
 
 def address(value: str) -> str:
@@ -24,6 +24,19 @@ def positive_int(value: str) -> int:
     if n <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return n
+
+
+def tier_gates(values: list[str] | None) -> dict:
+    """Parse repeated ``TIER=SPEC`` gate overrides (``device=confidence:0.9``) into ``{tier: Gate}``."""
+    from common.gates import parse_gate
+
+    gates = {}
+    for v in values or []:
+        tier, sep, spec = v.partition("=")
+        if not sep or not tier or not spec:
+            raise ConfigError(f"bad gate override {v!r}: expected TIER=SPEC, e.g. device=confidence:0.9")
+        gates[tier] = parse_gate(spec)
+    return gates
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

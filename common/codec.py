@@ -3,8 +3,7 @@
 Decoding checks, before any memory is interpreted, that the dtype is on the allow-list, that rank and every
 dimension are within limits, and that the byte length equals ``prod(shape) * itemsize``. The decoded tensor wraps the
 bytes object protobuf hands out for the field without a further copy, and is therefore read-only by contract:
-nothing downstream writes into its input in place. (protobuf's Python runtime materialises a bytes object on each
-field access, so ``decode`` reads ``data`` exactly once.)
+nothing downstream writes into its input in place.
 """
 from __future__ import annotations
 
@@ -80,18 +79,23 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
 
 def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Validate and decode a ``Tensor`` message; raise ``InvalidRequest`` naming the problem."""
-    if msg.codec not in RAW_CODECS:
-        raise InvalidRequest(f"unknown tensor codec {msg.codec!r}; this tier accepts: raw")
-    if msg.dtype not in DTYPES:
-        raise InvalidRequest(f"unsupported tensor dtype {msg.dtype!r}; allowed: {', '.join(DTYPES)}")
-    shape = tuple(int(d) for d in msg.shape)
+    # Read each field once: protobuf's Python runtime builds a new bytes object on every access to ``data``.
+    return decode_buffer(msg.dtype, tuple(int(d) for d in msg.shape), msg.data, msg.codec, limits)
+
+
+def decode_buffer(dtype: str, shape: tuple[int, ...], data: bytes, codec: str = "raw",
+                  limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Validate ``(dtype, shape, data)`` and view ``data`` as a tensor without copying it."""
+    if codec not in RAW_CODECS:
+        raise InvalidRequest(f"unknown tensor codec {codec!r}; this tier accepts: raw")
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"unsupported tensor dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     n = limits.check_shape(shape)
-    torch_dtype, np_dtype = DTYPES[msg.dtype]
+    torch_dtype, np_dtype = DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    data = msg.data  # one access: each access may copy
     if len(data) != n * itemsize:
         raise InvalidRequest(
-            f"tensor data has {len(data)} bytes but shape {list(shape)} of {msg.dtype} needs {n * itemsize}"
+            f"tensor data has {len(data)} bytes but shape {list(shape)} of {dtype} needs {n * itemsize}"
         )
     if n == 0:
         return torch.empty(shape, dtype=torch_dtype)

@@ -29,6 +29,8 @@ class PreconditionFailed(RequestError):
 
 
 class DownstreamError(RequestError):
-    """The next tier failed to answer the forwarded samples."""
+    """The next tier failed to answer the forwarded samples. ``code`` says what that means for our caller."""
 
-    code = "UNAVAILABLE"
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code

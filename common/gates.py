@@ -79,9 +79,16 @@ class ConstantGate:
         return {}
 
 
+def _threshold(p: dict) -> float:
+    t = p["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise ConfigError(f"gate threshold must be a finite number, got {t!r}")
+    return float(t)
+
+
 _FACTORIES: dict[str, Callable[[dict], Gate]] = {
-    "confidence": lambda p: ConfidenceGate(float(p["threshold"])),
-    "entropy": lambda p: EntropyGate(float(p["threshold"])),
+    "confidence": lambda p: ConfidenceGate(_threshold(p)),
+    "entropy": lambda p: EntropyGate(_threshold(p)),
     "always": lambda p: ConstantGate(True),
     "never": lambda p: ConstantGate(False),
 }
@@ -101,6 +108,12 @@ def gate_from_dict(d: dict) -> Gate:
     if set(d) != _PARAMS[kind]:
         raise ConfigError(f"gate {kind!r} takes parameters {sorted(_PARAMS[kind])}, got {sorted(d)}")
     return _FACTORIES[kind](d)
+
+
+def format_gate(gate: Gate) -> str:
+    """The command-line form of ``gate``; ``parse_gate(format_gate(g))`` rebuilds ``g`` exactly."""
+    params = gate.params()
+    return gate.kind if not params else f"{gate.kind}:{params['threshold']!r}"
 
 
 def parse_gate(spec: str) -> Gate:

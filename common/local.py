@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from common import messages
 from common.bundle import TierBundle, find_tier_folders, load_tier_bundle
+from common.errors import ConfigError
+from common.feed import feed_and_report
 from common.gates import Gate
+from common.report import RequestRecord
 from common.runtime import Batch, Forwarded, TierRuntime
 
 
@@ -29,12 +34,26 @@ def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = 
     """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates."""
     gates = gates or [None] * len(bundles)
     runtime = None
-    for bundle, gate in reversed(list(zip(bundles, gates))):
+    for bundle, gate in reversed(list(zip(bundles, gates, strict=True))):
         forward = LocalLink(runtime) if runtime is not None else None
         runtime = TierRuntime(bundle.tier_spec(), bundle.segment, gate or bundle.gate, forward)
     return runtime
 
 
-def load_local_chain(root: Path, gates: list[Gate | None] | None = None) -> tuple[TierRuntime, list[TierBundle]]:
+def load_local_chain(root: Path, gates: dict[str, Gate] | None = None) -> tuple[TierRuntime, list[TierBundle]]:
+    """Load every tier of the bundle root ``root`` and chain them; ``gates`` maps tier name -> gate override."""
     bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
-    return chain_runtimes(bundles, gates), bundles
+    gates = gates or {}
+    unknown = set(gates) - {b.tier for b in bundles}
+    if unknown:
+        raise ConfigError(f"gate overrides name unknown tiers {sorted(unknown)}")
+    return chain_runtimes(bundles, [gates.get(b.tier) for b in bundles]), bundles
+
+
+def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                        gates: dict[str, Gate] | None = None) -> tuple[dict, list[RequestRecord]]:
+    """Report of the in-process chain of ``root`` over ``images``, batched exactly as a client would send them."""
+    first, bundles = load_local_chain(root, gates)
+    m = bundles[0].manifest
+    return feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
+                           m["flops"]["full_network"], run_id="in-process")

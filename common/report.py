@@ -82,6 +82,7 @@ def build_report(
 
 
 def predictions_by_id(records: list[RequestRecord]) -> dict[int, tuple[int, str]]:
+    """``sample id -> (label, exit tier)`` over a run."""
     return {p.sample_id: (p.label, p.exit_tier) for r in records for p in r.answer.predictions}
 
 
@@ -93,28 +94,33 @@ def compare(report: dict, records: list[RequestRecord], reference: list[RequestR
     return report
 
 
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_summary(report: dict) -> str:
-    """A few readable lines for the terminal."""
+    """A few readable lines for the terminal (``n/a`` where a figure does not exist, e.g. an empty run)."""
     n = report["samples"]
-    lines = [f"samples {n}   accuracy {report['accuracy']:.4f}"
-             + (f"   in-process {report['in_process_accuracy']:.4f}   mismatches {report['prediction_mismatches']}"
-                if report["in_process_accuracy"] is not None else "")]
+    first = f"samples {n}   accuracy {_fmt(report['accuracy'], '.4f')}"
+    if report["in_process_accuracy"] is not None:
+        first += (f"   in-process {_fmt(report['in_process_accuracy'], '.4f')}"
+                  f"   mismatches {report['prediction_mismatches']}")
+    lines = [first]
     for t, k in report["exits"].items():
-        acc = report["exit_accuracy"][t]
-        lines.append(f"  {t:>6}: answered {k:6d} ({k / n:6.1%})   accuracy {acc:.4f}" if acc is not None
-                     else f"  {t:>6}: answered {k:6d} ({0:6.1%})")
-    b = report["bytes_per_sample"]
-    lines.append("  bytes/sample: " + "   ".join(f"{k} {v:,.0f}" for k, v in b.items()))
+        lines.append(f"  {t:>6}: answered {k:6d} ({_fmt(k / n if n else None, '6.1%')})   "
+                     f"accuracy {_fmt(report['exit_accuracy'][t], '.4f')}")
+    lines.append("  bytes/sample: " + "   ".join(f"{k} {v:,.0f}" for k, v in report["bytes_per_sample"].items()))
     f = report["flops"]
     lines.append(f"  FLOPs/sample: {f['mean_per_sample'] / 1e6:.2f} M of {f['full_network_per_sample'] / 1e6:.2f} M "
-                 f"(saved {f['saved_fraction']:.1%})")
+                 f"(saved {_fmt(f['saved_fraction'], '.1%')})")
     lat = report["latency_ms"]
     lines.append(f"  latency per request ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}   "
-                 f"throughput {report['throughput_samples_per_s']:.1f} samples/s")
+                 f"throughput {_fmt(report['throughput_samples_per_s'], '.1f')} samples/s")
     return "\n".join(lines)
 
 
 def write_report(report: dict, path: Path) -> None:
+    """Write ``report`` as indented JSON, creating the folder if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -6,6 +6,7 @@ and encode the answer. Message-size limits are set once, here, for servers and c
 from __future__ import annotations
 
 import json
+import logging
 import time
 from concurrent import futures
 
@@ -19,6 +20,7 @@ from common.runtime import Batch, Forwarded, TierRuntime
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
+log = logging.getLogger("splitexit.rpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tier"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
@@ -43,6 +45,16 @@ _CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+# What a failed call to the next tier means for the caller: the next tier being unreachable or slow is retryable;
+# the next tier refusing our request means the deployment itself is inconsistent (e.g. tiers from two exports).
+_DOWNSTREAM = {
+    grpc.StatusCode.UNAVAILABLE: "UNAVAILABLE",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "UNAVAILABLE",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "UNAVAILABLE",
+    grpc.StatusCode.INVALID_ARGUMENT: "FAILED_PRECONDITION",
+    grpc.StatusCode.FAILED_PRECONDITION: "FAILED_PRECONDITION",
 }
 
 
@@ -59,6 +71,9 @@ class TierServicer(pb_grpc.TierServicer):
             answer = self.runtime.process(batch, bytes_received=request.ByteSize())
         except RequestError as e:
             context.abort(_CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
+        except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
+            log.exception("request %s failed", request.request_id)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         return messages.reply_from_answer(answer)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.TierDescription:
@@ -87,20 +102,29 @@ def create_server(
     The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
     Server reflection is enabled so generic gRPC tools can list and call the service.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message_bytes))
+    # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
+    # ever more large requests in memory.
+    # SO_REUSEPORT off: a second tier started on a busy port must fail, not silently share its traffic.
+    options = [*grpc_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                         maximum_concurrent_rpcs=2 * max_workers)
     pb_grpc.add_TierServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises RuntimeError("Failed to bind ...") for a busy or invalid address
+        raise OSError(f"could not listen on {address}: {e}") from None
     if port == 0:
         raise OSError(f"could not listen on {address}")
     return server, port, health_servicer
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    """Report SERVING or NOT_SERVING for the whole server and for the Tier service."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, status)
@@ -118,10 +142,19 @@ class NextTierClient:
     def __call__(self, batch: Batch) -> Forwarded:
         request = messages.request_from_batch(batch)
         try:
-            reply = self.stub.Infer(request, timeout=self.timeout_s, wait_for_ready=True)
+            # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
+            reply = self.stub.Infer(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}") from None
+            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
+                                  _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
         return Forwarded(messages.answer_from_reply(reply), request.ByteSize())
+
+    def describe(self) -> pb.TierDescription:
+        """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
+        try:
+            return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise DownstreamError(f"{self.target} did not answer Describe: {e.code().name}: {e.details()}") from None
 
     def close(self) -> None:
         self.channel.close()

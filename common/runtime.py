@@ -146,7 +146,8 @@ class TierRuntime:
             hop.bytes_sent = forwarded.request_bytes
             got = [p.sample_id for p in forwarded.answer.predictions]
             if sorted(got) != sorted(onward.sample_ids):
-                raise DownstreamError(f"the next tier answered {len(got)} samples for {len(onward.sample_ids)} sent")
+                raise DownstreamError(
+                    f"the next tier answered {len(got)} samples for {len(onward.sample_ids)} sent", "INTERNAL")
             by_id.update((p.sample_id, p) for p in forwarded.answer.predictions)
             trace += forwarded.answer.trace
         return Answer(batch.request_id, [by_id[i] for i in ids], trace)

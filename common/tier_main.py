@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +25,25 @@ from common.rpc import NextTierClient, TierServicer, create_server, describe_tie
 from common.runtime import TierRuntime
 
 log = logging.getLogger("splitexit.tier")
+PARENT_PID_ENV = "SPLITEXIT_PARENT_PID"
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """When started by a launcher (``SPLITEXIT_PARENT_PID`` set), get SIGTERM from the kernel if it dies (Linux).
+
+    Done here, after exec, rather than in a ``preexec_fn``: forking a threaded launcher and running Python before
+    exec is unsafe. If the launcher already died before this ran, exit at once.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        raise SystemExit(f"launcher {parent} is gone; not starting")
 
 
 def get_args_parser(tier: str) -> argparse.ArgumentParser:
@@ -42,6 +63,7 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
 
 def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tier} %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,6 +89,9 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     kind = g.pop("kind")
     description = describe_tier(m, kind, g, args.next or "")
     server, port, health = create_server(TierServicer(runtime, description), args.listen, args.workers, limit)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # installed before serving: an early SIGTERM still drains
+        signal.signal(sig, lambda *_: stop.set())
     server.start()
     set_serving(health, True)
     bound = f"{args.listen.rpartition(':')[0]}:{port}"
@@ -76,9 +101,6 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         tmp.write_text(bound)
         os.replace(tmp, args.ready_file)  # atomic: a reader never sees a half-written address
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: draining in-flight requests for up to %.1f s", args.grace)
     set_serving(health, False)

@@ -1,37 +1,37 @@
 """The application side of the device: stream a data set to a running device tier and write the report.
 
-``python -m device.client --target HOST:PORT --data SPEC --batch-size N --report FILE [--bundle DIR]``
+``python -m device.client --target HOST:PORT --data SPEC --batch-size N --report FILE [--bundle DIR [--gate T=S]]``
 
 Images are sent as the raw uint8 tensors a camera would give. With ``--bundle`` the same batches also run through
-the in-process chain of that bundle, and the report says how many predictions differ between the two.
+the in-process chain of that bundle (with the same ``--gate`` overrides the tiers were started with), and the report
+says how many predictions differ between the two.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from common.cli import address, positive_int, run
+from common.cli import address, positive_int, run, tier_gates
 from common.feed import feed_and_report
+from common.gates import Gate
+from common.local import evaluate_in_process
 from common.report import compare, format_summary, write_report
 from common.rpc import NextTierClient
-from proto import splitexit_pb2 as pb
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
-               gate_specs: list[str] | None = None, timeout_s: float = 120.0) -> dict:
+               gates: dict[str, Gate] | None = None, timeout_s: float = 120.0) -> dict:
     """Feed ``images`` to the device tier at ``target``; compare with the in-process chain when ``bundle`` is given."""
     client = NextTierClient(target, timeout_s=timeout_s)
     try:
-        info = client.stub.Describe(pb.DescribeRequest(), timeout=timeout_s, wait_for_ready=True)
+        info = client.describe()
         report, records = feed_and_report(client, images, labels, info.model_id, batch_size, list(info.tiers),
                                           info.full_network_flops, run_id="client")
     finally:
         client.close()
     report["model_id"] = info.model_id
     if bundle is not None:
-        from training.evaluate import evaluate_in_process
-
-        ref_report, ref_records = evaluate_in_process(bundle, images, labels, batch_size, gate_specs)
+        ref_report, ref_records = evaluate_in_process(bundle, images, labels, batch_size, gates)
         compare(report, records, ref_records, ref_report)
     return report
 
@@ -45,16 +45,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None, help="send at most this many samples")
     p.add_argument("--report", type=Path, default=None, help="write the report JSON here")
     p.add_argument("--bundle", type=Path, default=None, help="bundle root for the in-process comparison")
+    p.add_argument("--gate", action="append", help="TIER=SPEC gate override used by the in-process comparison")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data import load
+    from training.data import load  # the data-spec readers live with the training code
 
     args = get_args_parser().parse_args(argv)
+    gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
-    report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, timeout_s=args.timeout)
+    report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout)
+    report["data"] = args.data
     print(format_summary(report))
     if args.report:
         write_report(report, args.report)

@@ -5,12 +5,11 @@
 Each tier binds port 0 and writes the address it got to a ready file; the launcher starts the tiers last-to-first
 (each needs its next tier's address), waits until every one reports SERVING on the gRPC health service, runs the
 client, and stops all three with SIGTERM and a grace period - also on Ctrl-C or error. Tier processes ask the kernel
-to send them SIGTERM should the launcher die, so none is left orphaned.
+to send them SIGTERM should the launcher die (Linux), so none is left orphaned.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
@@ -22,19 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 from common.bundle import find_tier_folders, read_manifest
-from common.cli import positive_int, run
+from common.cli import positive_int, run, tier_gates
 from common.errors import SplitExitError
+from common.gates import Gate, format_gate
 from common.rpc import wait_for_serving
+from common.tier_main import PARENT_PID_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: Ctrl-C and the launcher's finally-block still stop the tiers
 
 
 @dataclass
@@ -57,7 +50,7 @@ class LocalDeployment:
 
     bundle: Path
     host: str = "127.0.0.1"
-    gates: dict[str, str] = field(default_factory=dict)  # tier -> gate spec override
+    gates: dict[str, Gate] = field(default_factory=dict)  # tier -> gate override
     extra_args: dict[str, list[str]] = field(default_factory=dict)  # tier -> more command-line flags
     log_dir: Path | None = None
     # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy.
@@ -77,6 +70,9 @@ class LocalDeployment:
     def __post_init__(self) -> None:
         self.folders = find_tier_folders(self.bundle)
         self.tiers = [read_manifest(f)["tier"] for f in self.folders]
+        unknown = set(self.gates) - set(self.tiers)
+        if unknown:
+            raise SplitExitError(f"gate overrides name unknown tiers {sorted(unknown)}; tiers are {self.tiers}")
 
     def __enter__(self) -> "LocalDeployment":
         self._tmp = tempfile.TemporaryDirectory(prefix="splitexit-launch-")
@@ -104,12 +100,14 @@ class LocalDeployment:
         if next_address:
             cmd += ["--next", self.link(tier, next_address) if self.link else next_address]
         if tier in self.gates:
-            cmd += ["--gate", self.gates[tier]]
+            cmd += ["--gate", format_gate(self.gates[tier])]
         cmd += self.extra_args.get(tier, [])
         log_path = log_dir / f"{tier}.log"
         with open(log_path, "wb") as log:
+            # The tier asks the kernel to SIGTERM it when we die (see common.tier_main.die_with_parent).
+            env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
             popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                     env=env)
         proc = TierProcess(tier, popen, log_path)
         self.processes.append(proc)
         deadline = time.monotonic() + self.startup_timeout_s
@@ -139,16 +137,6 @@ class LocalDeployment:
             self._tmp.cleanup()
 
 
-def _parse_gates(values: list[str] | None) -> dict[str, str]:
-    gates = {}
-    for v in values or []:
-        tier, sep, spec = v.partition("=")
-        if not sep or not spec:
-            raise SplitExitError(f"bad --gate {v!r}: expected TIER=SPEC, e.g. device=confidence:0.9")
-        gates[tier] = spec
-    return gates
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.launch_local", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
@@ -170,17 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
-    gates = _parse_gates(args.gate)
-    data = load(args.data, args.split, limit=args.limit)
+    gates = tier_gates(args.gate)
     deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, log_dir=args.log_dir)
-    unknown = set(gates) - set(deployment.tiers)
-    if unknown:
-        raise SplitExitError(f"--gate names unknown tiers {sorted(unknown)}; tiers are {deployment.tiers}")
+    data = load(args.data, args.split, limit=args.limit)
     with deployment:
         print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
-                            None if args.no_compare else args.bundle,
-                            [gates.get(t, "") for t in deployment.tiers])
+                            None if args.no_compare else args.bundle, gates)
     report["data"] = args.data
     print(format_summary(report))
     if args.report:

@@ -92,3 +92,21 @@ def test_export_leaves_the_model_untouched(tiny_model, tmp_path):
     export_bundles(tiny_model, GATES, tmp_path, ["x"] * 10)
     assert not any(m.training for m in tiny_model.modules())
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda m: m.pop("model_id"), "model_id"),
+    (lambda m: m.update(tier_index=7), "tier_index"),
+    (lambda m: m["weights"].update(file="../../etc/passwd"), "plain file name"),
+    (lambda m: m["flops"].pop("head"), "flops.head"),
+    (lambda m: m["input"].update(dtype="float64"), "input dtype"),
+    (lambda m: m["gate"].update(threshold=float("nan")), "finite"),
+    (lambda m: m["gate"].update(threshold="0.5"), "finite"),
+])
+def test_malformed_manifests_are_config_errors(exported, mutate, words):
+    path = exported / "device" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    mutate(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=words):
+        load_tier_bundle(exported / "device")

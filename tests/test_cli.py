@@ -38,3 +38,21 @@ def test_tier_needs_next_unless_last(tiny_bundle):
     assert result.returncode == 2 and "needs --next" in result.stderr
     result = run("cloud", "--bundle", str(tiny_bundle), "--listen", "127.0.0.1:0", "--next", "127.0.0.1:9")
     assert result.returncode == 2 and "takes no --next" in result.stderr
+
+
+def test_busy_port_is_one_line(tiny_bundle):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run("cloud", "--bundle", str(tiny_bundle), "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could not listen" in result.stderr.strip().splitlines()[-1]
+
+
+def test_unreachable_device_is_one_line():
+    result = run("device.client", "--target", "127.0.0.1:1", "--limit", "4", "--timeout", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "did not answer Describe" in result.stderr.strip().splitlines()[-1]

@@ -34,6 +34,10 @@ def test_list_flags_are_comma_separated():
     ("mode = 'sideways'", "mode"),
     ("loss_weights = [1.0]", "loss_weights"),
     ("width = [", "not valid TOML"),
+    ("exit_points = [2]", "exit_points"),
+    ("gate = 'bogus'", "gate"),
+    ("target_accuracy = 1.5", "target_accuracy"),
+    ("loss_weights = [0.0, 0.0, 1.0]", "loss_weights"),
 ])
 def test_bad_files_are_config_errors(tmp_path, toml, message):
     f = tmp_path / "c.toml"

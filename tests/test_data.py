@@ -46,6 +46,43 @@ def test_cifar_without_download_is_a_clear_error(tmp_path):
         load(f"cifar10:{tmp_path}", "train")
 
 
+def _folder(root, classes=("cat", "dog"), n=20, shift=0):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            value = shift + 5 * i + (100 if c == "dog" else 0)
+            Image.new("RGB", (32, 32), (value,) * 3).save(root / c / f"{i}.png")
+
+
+def _keys(part):
+    return {(int(img[0, 0, 0]), int(lab)) for img, lab in zip(part.images, part.labels)}
+
+
+def test_test_partition_does_not_move_with_the_training_seed(tmp_path):
+    _folder(tmp_path)
+    test0 = load(f"imagefolder:{tmp_path}", "test", seed=0)
+    for seed in (1, 2, 3):
+        assert _keys(load(f"imagefolder:{tmp_path}", "test", seed=seed)) == _keys(test0)
+        train = _keys(load(f"imagefolder:{tmp_path}", "train", seed=seed))
+        val = _keys(load(f"imagefolder:{tmp_path}", "val", seed=seed))
+        assert not (train & _keys(test0)) and not (val & _keys(test0)) and not (train & val)
+
+
+def test_imagefolder_with_split_folders(tmp_path):
+    _folder(tmp_path / "train", n=10)
+    _folder(tmp_path / "val", n=3, shift=1)
+    _folder(tmp_path / "test", n=2, shift=2)
+    assert len(load(f"imagefolder:{tmp_path}", "train")) == 20
+    assert {v % 5 for v, _ in _keys(load(f"imagefolder:{tmp_path}", "val"))} == {1}
+    assert {v % 5 for v, _ in _keys(load(f"imagefolder:{tmp_path}", "test"))} == {2}
+    # ImageNette's shape: train/ and val/ only -> val/ is the test split, validation is held out of train/.
+    (tmp_path / "test").rename(tmp_path / "unused")
+    assert {v % 5 for v, _ in _keys(load(f"imagefolder:{tmp_path}", "test"))} == {1}
+    assert len(load(f"imagefolder:{tmp_path}", "train")) + len(load(f"imagefolder:{tmp_path}", "val")) == 20
+
+
 def test_imagefolder_partitions_deterministically(tmp_path):
     from PIL import Image
 

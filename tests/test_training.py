@@ -57,14 +57,20 @@ def test_in_process_chain_matches_the_whole_model_cascade(tiny_run, tiny_bundle,
     assert [report["exits"][t] for t in ("device", "edge", "cloud")] == sim["exit_counts"]
 
 
-def test_crop_flip_augmentation_keeps_shape_and_content():
+def test_crop_flip_augmentation_is_a_padded_crop_possibly_flipped():
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    y = augment_crop_flip(x, g)
+    x = torch.randint(1, 256, (16, 3, 8, 8), dtype=torch.uint8)  # no zeros, so padding is recognisable
+    y = augment_crop_flip(x, g, pad=2)
     assert y.shape == x.shape and y.dtype == torch.uint8
-    # Some crop differs, and a zero-offset, unflipped view of the centre is still the image's own pixels.
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    kinds = set()
+    for i in range(len(x)):
+        matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
+                   if torch.equal(y[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        assert matches, f"sample {i} is not a crop of its padded image"
+        kinds.add(matches[0][2])
+    assert kinds == {False, True}  # both flipped and unflipped samples occur
     assert not torch.equal(x, y)
-    assert torch.equal(augment_crop_flip(x, g, pad=0)[:, :, :, :].sort(-1).values, x.sort(-1).values)
 
 
 def test_uncalibrated_checkpoint_is_refused_until_calibrated(tiny_run, tmp_path):

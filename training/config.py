@@ -19,7 +19,7 @@ class TrainConfig:
     # Model
     architecture: str = field(default="resnet18_cifar", metadata={"help": "registered backbone"})
     width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
-    exit_points: list[int] = field(default_factory=lambda: [2, 4],
+    exit_points: list[int] = field(default_factory=lambda: [2, 3],
                                    metadata={"help": "stage boundaries of the device and edge exits"})
     exit_conv_channels: int = field(default=32, metadata={"help": "channels of the exit heads' conv (0 = none)"})
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
@@ -46,6 +46,8 @@ class TrainConfig:
             raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
         if self.augment not in ("auto", "none", "crop_flip"):
             raise ValueError(f"augment must be auto, none or crop_flip, got {self.augment!r}")
+        if len(self.exit_points) != 2:
+            raise ValueError(f"exit_points needs 2 stage boundaries (device and edge exits), got {self.exit_points}")
         if len(self.loss_weights) != len(self.exit_points) + 1:
             raise ValueError(f"loss_weights needs {len(self.exit_points) + 1} values (one per exit), "
                              f"got {self.loss_weights}")
@@ -53,3 +55,10 @@ class TrainConfig:
             raise ValueError("width, batch_size and lr must be positive")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.gate not in ("confidence", "entropy"):
+            raise ValueError(f"gate must be confidence or entropy, got {self.gate!r}")
+        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+        if any(w < 0 for w in self.loss_weights) or not any(self.loss_weights[:-1]) or not self.loss_weights[-1]:
+            raise ValueError("loss_weights must be non-negative, with a positive final weight and at least one "
+                             f"positive early-exit weight, got {self.loss_weights}")

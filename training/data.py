@@ -4,8 +4,9 @@ Specs (``KIND[:PATH][:SPLIT]``):
 
 * ``synthetic`` / ``synthetic:train|val|test`` - the generated data set of ``training.synthetic`` (embedded default);
 * ``cifar10:DIR`` / ``cifar100:DIR`` - torchvision's CIFAR folder under ``DIR``; never downloaded unless asked;
-* ``imagefolder:DIR`` - one sub-folder per class. If ``DIR`` has ``train/`` and ``val/`` or ``test/`` those are the
-  splits; otherwise the images are partitioned once, deterministically, into train / val / test (80 / 10 / 10).
+* ``imagefolder:DIR`` - one sub-folder per class. If ``DIR`` has ``train/`` plus ``val/`` and/or ``test/``, those
+  are the splits (with only one of them, it is the test split and validation is held out of ``train/``);
+  otherwise the images are partitioned into train / val / test (80 / 10 / 10), the test part with a fixed seed.
 
 Validation is always held out of the training data (a seeded 10% of CIFAR's train split), so thresholds are
 calibrated on data the model was not fitted to and results are reported on a split calibration never saw.
@@ -23,6 +24,8 @@ from training import synthetic
 
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SIZES = {"train": 20000, "val": 2000, "test": 2000}
+TEST_FRACTION = 0.1
+TEST_PARTITION_SEED = 0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 
 
@@ -118,30 +121,34 @@ def _read_folder(folder: Path, class_names: list[str], size: int) -> ImageSet:
 
 
 def _load_imagefolder(root: Path, split: str, size: int, val_fraction: float, seed: int) -> ImageSet:
+    """Splits of an image folder; ``seed`` moves only the validation hold-out, never the test partition."""
     if not root.is_dir():
         raise ConfigError(f"image folder {root} does not exist")
-    if (root / "train").is_dir():
-        names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        held = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-        if split == "train" or held is None:
-            if held is None:
-                raise ConfigError(f"{root} has train/ but neither val/ nor test/")
-            full = _read_folder(root / "train", names, size)
-            train_idx, val_idx = _holdout(len(full), val_fraction, seed)
-            return full.subset(train_idx)
-        if split == "val":
-            full = _read_folder(root / "train", names, size)
-            return full.subset(_holdout(len(full), val_fraction, seed)[1])
-        return _read_folder(held, names, size)
+    train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
+    if train_dir.is_dir():
+        names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        if not (val_dir.is_dir() or test_dir.is_dir()):
+            raise ConfigError(f"{root} has train/ but neither val/ nor test/")
+        if split == "test":  # test/ if there is one, else val/ (ImageNette ships train/ and val/ only)
+            return _read_folder(test_dir if test_dir.is_dir() else val_dir, names, size)
+        if split == "val" and val_dir.is_dir() and test_dir.is_dir():
+            return _read_folder(val_dir, names, size)
+        full = _read_folder(train_dir, names, size)
+        if split == "train" and val_dir.is_dir() and test_dir.is_dir():
+            return full
+        kept, held = _holdout(len(full), val_fraction, seed)
+        return full.subset(kept if split == "train" else held)
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not names:
         raise ConfigError(f"{root} has no class sub-folders")
     full = _read_folder(root, names, size)
-    rest, test_idx = _holdout(len(full), 0.1, seed)
+    # The test partition is fixed (TEST_PARTITION_SEED) so that no training seed can move test images into training.
+    rest, test_idx = _holdout(len(full), TEST_FRACTION, TEST_PARTITION_SEED)
     if split == "test":
         return full.subset(test_idx)
     k = int(round(len(full) * val_fraction))
-    return full.subset(rest[k:] if split == "train" else rest[:k])
+    order = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))]
+    return full.subset(order[k:] if split == "train" else order[:k])
 
 
 def load(

@@ -1,28 +1,16 @@
 """In-process evaluation of exported bundles: the tiers chained in one process, same runtime, same report.
 
-``python -m training.evaluate --bundle DIR --data SPEC --report FILE [--batch-size N] [--limit N]``
+``python -m training.evaluate --bundle DIR --data SPEC --report FILE [--batch-size N] [--limit N] [--gate T=SPEC]``
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from common.cli import positive_int, run
-from common.feed import feed_and_report
-from common.gates import parse_gate
-from common.local import LocalLink, load_local_chain
-from common.report import RequestRecord, format_summary, write_report
+from common.cli import positive_int, run, tier_gates
+from common.local import evaluate_in_process
+from common.report import format_summary, write_report
 from training.data import load
-
-
-def evaluate_in_process(bundle: Path, images, labels, batch_size: int, gate_specs: list[str] | None = None
-                        ) -> tuple[dict, list[RequestRecord]]:
-    """Report of the in-process chain over ``images``; ``gate_specs`` optionally override each tier's gate."""
-    gates = [parse_gate(s) if s else None for s in gate_specs] if gate_specs else None
-    first, bundles = load_local_chain(bundle, gates)
-    m = bundles[0].manifest
-    return feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
-                           m["flops"]["full_network"], run_id="in-process")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,13 +21,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="write the report JSON here")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many samples")
+    p.add_argument("--gate", action="append", help="TIER=SPEC gate override, e.g. edge=entropy:0.2")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
-    report, _ = evaluate_in_process(args.bundle, data.images, data.labels, args.batch_size)
+    report, _ = evaluate_in_process(args.bundle, data.images, data.labels, args.batch_size, gates)
+    report["data"] = args.data
     print(format_summary(report))
     if args.report:
         write_report(report, args.report)
