@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from common.errors import ConfigError, SplitExitError
@@ -37,6 +38,27 @@ def tier_gates(values: list[str] | None) -> dict:
             raise ConfigError(f"bad gate override {v!r}: expected TIER=SPEC, e.g. device=confidence:0.9")
         gates[tier] = parse_gate(spec)
     return gates
+
+
+def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
+    """The options shared by every command that streams a data set through a deployment and reports on it."""
+    parser.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
+    parser.add_argument("--split", default="test", help="split when the spec names none (default: test)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per request (default 64)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
+    parser.add_argument("--report", type=Path, default=None, help="write the report JSON here")
+    parser.add_argument("--gate", action="append", help=gate_help)
+
+
+def emit_report(report: dict, args: argparse.Namespace) -> None:
+    """Print the summary of a run and write its JSON report where ``--report`` says."""
+    from common.report import format_summary, write_report
+
+    report["data"] = args.data
+    print(format_summary(report))
+    if args.report:
+        write_report(report, args.report)
+        print(f"report written to {args.report}")
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

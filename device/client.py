@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import address, positive_int, run, tier_gates
+from common.cli import add_run_args, address, emit_report, run, tier_gates
 from common.feed import feed_and_report
 from common.gates import Gate
 from common.local import evaluate_in_process
-from common.report import compare, format_summary, write_report
+from common.report import compare
 from common.rpc import NextTierClient
 
 
@@ -39,13 +39,8 @@ def run_client(target: str, images, labels, batch_size: int, bundle: Path | None
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m device.client", description=__doc__.splitlines()[0])
     p.add_argument("--target", type=address, required=True, help="HOST:PORT of the device tier")
-    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
-    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--limit", type=positive_int, default=None, help="send at most this many samples")
-    p.add_argument("--report", type=Path, default=None, help="write the report JSON here")
     p.add_argument("--bundle", type=Path, default=None, help="bundle root for the in-process comparison")
-    p.add_argument("--gate", action="append", help="TIER=SPEC gate override used by the in-process comparison")
+    add_run_args(p, gate_help="TIER=SPEC gate the tiers were started with, for the in-process comparison")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
     return p
 
@@ -57,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
     report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout)
-    report["data"] = args.data
-    print(format_summary(report))
-    if args.report:
-        write_report(report, args.report)
+    emit_report(report, args)
     return 0
 
 

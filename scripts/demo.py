@@ -13,6 +13,7 @@ from pathlib import Path
 from common.cli import positive_int, run
 from common.config import add_config_args, resolve_config
 from common.report import format_summary, write_report
+from device.client import run_client
 from scripts.launch_local import LocalDeployment
 from training.config import TrainConfig
 from training.data import load
@@ -41,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {folder}")
     print("== 3/3 serving device, edge and cloud as three processes; streaming the test split", flush=True)
     test = load(cfg.data, "test", val_fraction=cfg.val_fraction, seed=cfg.seed)
-    from device.client import run_client
-
     with LocalDeployment(bundle, log_dir=args.out / "logs") as deployment:
         print("   " + ", ".join(f"{t} on {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, test.images, test.labels, args.batch_size_serve, bundle)

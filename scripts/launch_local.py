@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.bundle import find_tier_folders, read_manifest
-from common.cli import positive_int, run, tier_gates
+from common.cli import add_run_args, emit_report, run, tier_gates
 from common.errors import SplitExitError
 from common.gates import Gate, format_gate
 from common.rpc import wait_for_serving
@@ -140,12 +140,7 @@ class LocalDeployment:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.launch_local", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
-    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
-    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
-    p.add_argument("--report", type=Path, default=None, help="write the report JSON here")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--limit", type=positive_int, default=None, help="send at most this many samples")
-    p.add_argument("--gate", action="append", help="TIER=SPEC gate override, e.g. device=confidence:0.95")
+    add_run_args(p, gate_help="TIER=SPEC gate override for that tier, e.g. device=confidence:0.95")
     p.add_argument("--host", default="127.0.0.1", help="address the tiers listen on (default 127.0.0.1)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep the tiers' logs here")
     p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison run")
@@ -154,7 +149,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from device.client import run_client
-    from common.report import format_summary, write_report
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
@@ -165,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
                             None if args.no_compare else args.bundle, gates)
-    report["data"] = args.data
-    print(format_summary(report))
-    if args.report:
-        write_report(report, args.report)
-        print(f"report written to {args.report}")
+    emit_report(report, args)
     return 0
 
 

@@ -21,7 +21,7 @@ class TrainConfig:
     width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
     exit_points: list[int] = field(default_factory=lambda: [2, 3],
                                    metadata={"help": "stage boundaries of the device and edge exits"})
-    exit_conv_channels: int = field(default=32, metadata={"help": "channels of the exit heads' conv (0 = none)"})
+X
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
     # Optimisation
     mode: str = field(default="joint", metadata={"help": "joint (weighted sum of exit losses) or staged"})
