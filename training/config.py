@@ -21,7 +21,8 @@ class TrainConfig:
     width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
     exit_points: list[int] = field(default_factory=lambda: [2, 3],
                                    metadata={"help": "stage boundaries of the device and edge exits"})
-X
+    exit_conv_channels: int = field(default=0, metadata={"help": "channels of a 3x3 conv in the exit heads (0 = "
+                                                                 "none: global pool + linear)"})
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
     # Optimisation
     mode: str = field(default="joint", metadata={"help": "joint (weighted sum of exit losses) or staged"})
