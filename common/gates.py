@@ -63,6 +63,20 @@ class EntropyGate:
 
 
 @dataclass(frozen=True)
+class MarginGate:
+    """Exit when the top-1 softmax probability beats the runner-up by at least ``threshold``."""
+
+    threshold: float
+    kind = "margin"
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return softmax_stats(logits)["margin"] >= self.threshold
+
+    def params(self) -> dict[str, float]:
+        return {"threshold": self.threshold}
+
+
+@dataclass(frozen=True)
 class ConstantGate:
     """Exit every sample (``always``) or none (``never``); useful to pin a deployment's routing."""
 
@@ -89,10 +103,21 @@ def _threshold(p: dict) -> float:
 _FACTORIES: dict[str, Callable[[dict], Gate]] = {
     "confidence": lambda p: ConfidenceGate(_threshold(p)),
     "entropy": lambda p: EntropyGate(_threshold(p)),
+    "margin": lambda p: MarginGate(_threshold(p)),
     "always": lambda p: ConstantGate(True),
     "never": lambda p: ConstantGate(False),
 }
-_PARAMS = {"confidence": {"threshold"}, "entropy": {"threshold"}, "always": set(), "never": set()}
+_PARAMS = {"confidence": {"threshold"}, "entropy": {"threshold"}, "margin": {"threshold"}, "always": set(),
+           "never": set()}
+# Thresholded gates as (statistic, direction): a sample exits when ``direction * (stat - threshold) >= 0``.
+THRESHOLD_GATES = {"confidence": ("confidence", 1), "entropy": ("entropy", -1), "margin": ("margin", 1)}
+
+
+def threshold_gate(kind: str, threshold: float) -> Gate:
+    """The thresholded gate ``kind`` at ``threshold``."""
+    if kind not in THRESHOLD_GATES:
+        raise ConfigError(f"{kind!r} is not a thresholded gate; use one of {', '.join(THRESHOLD_GATES)}")
+    return _FACTORIES[kind]({"threshold": threshold})
 
 
 def gate_to_dict(gate: Gate) -> dict:

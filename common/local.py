@@ -50,6 +50,30 @@ def load_local_chain(root: Path, gates: dict[str, Gate] | None = None) -> tuple[
     return chain_runtimes(bundles, [gates.get(b.tier) for b in bundles]), bundles
 
 
+@torch.inference_mode()
+def all_exit_logits(bundles: list[TierBundle], images: torch.Tensor, batch_size: int = 500) -> list[torch.Tensor]:
+    """Every exit's logits for every sample: the segments run in sequence with no sample leaving early.
+
+    One forward pass of the whole network, from which any exit policy can be evaluated without running it again.
+    """
+    per_exit: list[list[torch.Tensor]] = [[] for _ in bundles]
+    for lo in range(0, len(images), batch_size):
+        x = images[lo:lo + batch_size]
+        for k, bundle in enumerate(bundles):
+            x, logits = bundle.segment(x)
+            per_exit[k].append(logits)
+    return [torch.cat(chunks) for chunks in per_exit]
+
+
+def exit_costs(bundles: list[TierBundle]) -> list[float]:
+    """FLOPs per sample of leaving at each exit: every segment and exit head up to and including that exit's."""
+    costs, total = [], 0.0
+    for bundle in bundles:
+        total += bundle.manifest["flops"]["segment"] + bundle.manifest["flops"]["head"]
+        costs.append(total)
+    return costs
+
+
 def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                         gates: dict[str, Gate] | None = None) -> tuple[dict, list[RequestRecord]]:
     """Report of the in-process chain of ``root`` over ``images``, batched exactly as a client would send them."""

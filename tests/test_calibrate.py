@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from common.gates import ConfidenceGate, ConstantGate, EntropyGate
+from common.gates import ConfidenceGate, ConstantGate, EntropyGate, MarginGate
 from training.calibrate import calibrate_gates, cascade, coverage_threshold
 
 
@@ -55,3 +55,13 @@ def test_entropy_calibration():
     gates = calibrate_gates([exit0, exit0], labels, target=1.0, kind="entropy")
     assert isinstance(gates[0], EntropyGate)
     assert gates[0](exit0).tolist() == [True, True, False, False]
+
+
+def test_margin_calibration_and_costs():
+    labels = torch.tensor([0, 1, 2, 0])
+    strength = torch.tensor([8.0, 6.0, 1.0, 0.5])
+    exit0 = _logits(torch.tensor([0, 1, 0, 1]), labels, strength)
+    gates = calibrate_gates([exit0, exit0], labels, target=1.0, kind="margin")
+    assert isinstance(gates[0], MarginGate)
+    sim = cascade([exit0, exit0], labels, gates, exit_costs=[10.0, 30.0])
+    assert sim["exit_counts"] == [2, 2] and sim["mean_cost"] == 20.0

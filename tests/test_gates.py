@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.gates import (ConfidenceGate, ConstantGate, EntropyGate, gate_from_dict, gate_to_dict, parse_gate,
-                          softmax_stats)
+from common.gates import (ConfidenceGate, ConstantGate, EntropyGate, MarginGate, format_gate, gate_from_dict,
+                          gate_to_dict, parse_gate, softmax_stats)
 
 # Row 0: confident; row 1: uniform; row 2: two-way tie.
 LOGITS = torch.tensor([[10.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [5.0, 5.0, -20.0, -20.0]])
@@ -41,12 +41,19 @@ def test_constant_gates():
     assert ConstantGate(True)(torch.empty(0, 4)).shape == (0,)
 
 
-@pytest.mark.parametrize("gate", [ConfidenceGate(0.7), EntropyGate(0.3), ConstantGate(True), ConstantGate(False)])
-def test_dict_round_trip(gate):
+def test_margin_gate():
+    assert MarginGate(0.5)(LOGITS).tolist() == [True, False, False]
+    assert MarginGate(0.0)(LOGITS).all()
+
+
+@pytest.mark.parametrize("gate", [ConfidenceGate(0.7), EntropyGate(0.3), MarginGate(0.1234567891234),
+                                  ConstantGate(True), ConstantGate(False)])
+def test_dict_and_command_line_round_trips(gate):
     d = gate_to_dict(gate)
     again = gate_from_dict(d)
     assert gate_to_dict(again) == d
     assert torch.equal(again(LOGITS), gate(LOGITS))
+    assert parse_gate(format_gate(gate)) == gate  # exact, so tiers started with --gate behave identically
 
 
 def test_parse_gate():

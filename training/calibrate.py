@@ -18,14 +18,15 @@ from torch import Tensor
 
 from common.cli import run
 from common.errors import ConfigError
-from common.gates import ConfidenceGate, ConstantGate, EntropyGate, Gate, gate_to_dict, softmax_stats
+from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict, softmax_stats, threshold_gate
 
-GATE_KINDS = ("confidence", "entropy")
+GATE_KINDS = tuple(THRESHOLD_GATES)
 
 
-def _score(logits: Tensor, kind: str) -> np.ndarray:
-    stats = softmax_stats(logits)
-    return (stats["confidence"] if kind == "confidence" else -stats["entropy"]).double().numpy()
+def gate_score(logits: Tensor, kind: str) -> np.ndarray:
+    """Per-sample score of a thresholded gate, oriented so that a higher score means "more willing to exit"."""
+    stat, direction = THRESHOLD_GATES[kind]
+    return (direction * softmax_stats(logits)[stat]).double().numpy()
 
 
 def coverage_threshold(scores: np.ndarray, correct: np.ndarray, target: float) -> float | None:
@@ -52,15 +53,10 @@ def calibrate_gates(exit_logits: list[Tensor], labels: Tensor, target: float, ki
     gates: list[Gate] = []
     for logits in exit_logits[:-1]:
         idx = torch.nonzero(remaining).flatten()
-        scores = _score(logits[idx], kind)
+        scores = gate_score(logits[idx], kind)
         correct = (logits[idx].argmax(1) == labels[idx]).numpy()
         t = coverage_threshold(scores, correct, target)
-        if t is None:
-            gate: Gate = ConstantGate(False)
-        elif kind == "confidence":
-            gate = ConfidenceGate(t)
-        else:
-            gate = EntropyGate(-t)
+        gate: Gate = ConstantGate(False) if t is None else threshold_gate(kind, t * THRESHOLD_GATES[kind][1])
         gates.append(gate)
         accepted = torch.zeros(len(labels), dtype=torch.bool)
         accepted[idx] = gate(logits[idx])
@@ -68,18 +64,30 @@ def calibrate_gates(exit_logits: list[Tensor], labels: Tensor, target: float, ki
     return gates
 
 
-def cascade(exit_logits: list[Tensor], labels: Tensor, gates: list[Gate]) -> dict:
-    """Simulate the deployed cascade on cached logits: where each sample exits and the resulting accuracy."""
-    n = len(labels)
+def exit_taken(exit_logits: list[Tensor], gates: list[Gate]) -> Tensor:
+    """Index of the exit each sample leaves at when ``gates`` guard the early exits (cascade order)."""
+    n = len(exit_logits[0])
     exit_of = torch.full((n,), len(exit_logits) - 1, dtype=torch.long)
     remaining = torch.ones(n, dtype=torch.bool)
     for k, (logits, gate) in enumerate(zip(exit_logits[:-1], gates)):
         take = remaining & gate(logits)
         exit_of[take] = k
         remaining &= ~take
+    return exit_of
+
+
+def cascade(exit_logits: list[Tensor], labels: Tensor, gates: list[Gate],
+            exit_costs: list[float] | None = None) -> dict:
+    """Simulate the deployed cascade on cached logits: accuracy, exits per exit index and, given the cumulative
+    cost of leaving at each exit, the mean cost per sample."""
+    n = len(labels)
+    exit_of = exit_taken(exit_logits, gates)
     preds = torch.stack([lg.argmax(1) for lg in exit_logits])[exit_of, torch.arange(n)]
     counts = torch.bincount(exit_of, minlength=len(exit_logits))
-    return {"accuracy": int((preds == labels).sum()) / n, "exit_counts": counts.tolist()}
+    out = {"accuracy": int((preds == labels).sum()) / n, "exit_counts": counts.tolist()}
+    if exit_costs is not None:
+        out["mean_cost"] = float(sum(c * k for c, k in zip(exit_costs, counts.tolist())) / n)
+    return out
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data spec (default: the one the model was trained on)")
     p.add_argument("--target-accuracy", type=float, default=None,
                    help="accuracy each early exit must keep (default: the final exit's validation accuracy)")
-    p.add_argument("--gate", choices=GATE_KINDS, default="confidence")
+    p.add_argument("--gate", choices=GATE_KINDS, default="confidence", help="gate kind to calibrate")
     return p
 
 

@@ -39,7 +39,7 @@ class TrainConfig:
     max_batches: int | None = _h("stop each epoch after this many batches (quick runs, tests)")
     threads: int | None = _h("torch intra-op threads")
     # Calibration (third stage)
-    gate: str = field(default="confidence", metadata={"help": "gate kind to calibrate: confidence or entropy"})
+    gate: str = field(default="confidence", metadata={"help": "gate kind to calibrate: confidence, entropy, margin"})
     target_accuracy: float | None = _h("accuracy each early exit must keep (default: final exit's val accuracy)")
 
     def __post_init__(self) -> None:
@@ -56,8 +56,8 @@ class TrainConfig:
             raise ValueError("width, batch_size and lr must be positive")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.gate not in ("confidence", "entropy"):
-            raise ValueError(f"gate must be confidence or entropy, got {self.gate!r}")
+        if self.gate not in ("confidence", "entropy", "margin"):
+            raise ValueError(f"gate must be confidence, entropy or margin, got {self.gate!r}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
         if any(w < 0 for w in self.loss_weights) or not any(self.loss_weights[:-1]) or not self.loss_weights[-1]:

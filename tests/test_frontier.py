@@ -1,0 +1,28 @@
+import json
+
+import pytest
+
+from common.local import evaluate_in_process
+from training import frontier
+
+
+def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
+    assert frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic:test", "--limit", "192",
+                          "--points", "11", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "frontier.json").read_text())
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert set(result["policies"]) == {"confidence", "entropy", "margin"}
+    # The calibrated point is what the deployed chain actually does on the same data.
+    report, _ = evaluate_in_process(tiny_bundle, test_slice.images, test_slice.labels, batch_size=64)
+    cal = result["calibrated"]
+    assert cal["accuracy"] == pytest.approx(report["accuracy"])
+    assert cal["exits"] == report["exits"]
+    assert cal["flops_fraction"] == pytest.approx(report["flops"]["mean_per_sample"]
+                                                  / report["flops"]["full_network_per_sample"])
+    for policy in result["policies"].values():
+        pts = policy["points"]
+        assert all(sum(p["exits"].values()) == 192 for p in pts)
+        assert [p["flops_fraction"] for p in pts] == sorted(p["flops_fraction"] for p in pts)
+        # Sending everything to the final exit reproduces the final exit's accuracy at the highest cost.
+        assert pts[-1]["parameter"] is None and pts[-1]["accuracy"] == pytest.approx(result["final_accuracy"])
+        assert pts[-1]["flops_fraction"] > 1.0 > pts[0]["flops_fraction"]

@@ -1,0 +1,124 @@
+"""Accuracy against computation for every exit policy, from one cached forward pass over a data set.
+
+``python -m training.frontier --bundle DIR --data SPEC --out DIR [--split test] [--limit N] [--points 41]``
+
+Runs the bundle's segments once over the data (no sample leaves early), keeps every exit's logits, and then sweeps
+each thresholded policy (one threshold shared by the early exits) over its range, plus the bundle's own calibrated
+gates. Writes ``OUT/frontier.json`` and ``OUT/frontier.png`` (accuracy against the mean FLOPs fraction, one line
+per policy, the final exit's accuracy as a reference line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.bundle import find_tier_folders, load_tier_bundle
+from common.cli import positive_int, run
+from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict, threshold_gate
+from common.local import all_exit_logits, exit_costs
+from training.calibrate import cascade, gate_score
+from training.data import load
+
+
+def _point(logits, labels, gates: list[Gate], costs: list[float], full: float, tiers: list[str]) -> dict:
+    sim = cascade(logits, labels, gates, costs)
+    return {"accuracy": sim["accuracy"], "flops_fraction": sim["mean_cost"] / full,
+            "exits": dict(zip(tiers, sim["exit_counts"]))}
+
+
+def sweep(logits: list[torch.Tensor], labels: torch.Tensor, kind: str, costs: list[float], full: float,
+          tiers: list[str], points: int = 41) -> list[dict]:
+    """One point per threshold: thresholds at quantiles of the early exits' pooled scores, plus exit-all/none."""
+    scores = np.concatenate([gate_score(lg, kind) for lg in logits[:-1]])
+    quantiles = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
+    direction = THRESHOLD_GATES[kind][1]
+    out = []
+    for q in quantiles:
+        threshold = float(q * direction)
+        gates = [threshold_gate(kind, threshold)] * (len(logits) - 1)
+        out.append({"parameter": threshold, **_point(logits, labels, gates, costs, full, tiers)})
+    never = [ConstantGate(False)] * (len(logits) - 1)
+    out.append({"parameter": None, **_point(logits, labels, never, costs, full, tiers)})
+    return sorted(out, key=lambda p: p["flops_fraction"])
+
+
+def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, points: int = 41) -> dict:
+    """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``."""
+    bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
+    tiers = [b.tier for b in bundles]
+    start = time.perf_counter()
+    logits = all_exit_logits(bundles, images)
+    forward_s = time.perf_counter() - start
+    costs = exit_costs(bundles)
+    full = float(bundles[0].manifest["flops"]["full_network"])
+    calibrated = [b.gate for b in bundles[:-1]]
+    return {
+        "samples": len(labels),
+        "model_id": bundles[0].model_id,
+        "final_accuracy": float((logits[-1].argmax(1) == labels).double().mean()),
+        "exit_accuracy": dict(zip(tiers, [float((lg.argmax(1) == labels).double().mean()) for lg in logits])),
+        "exit_flops_fraction": dict(zip(tiers, [c / full for c in costs])),
+        "policies": {kind: {"points": sweep(logits, labels, kind, costs, full, tiers, points)}
+                     for kind in THRESHOLD_GATES},
+        "calibrated": {"gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
+                       **_point(logits, labels, calibrated, costs, full, tiers)},
+        "forward_seconds": forward_s,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, policy in result["policies"].items():
+        pts = policy["points"]
+        ax.plot([p["flops_fraction"] for p in pts], [p["accuracy"] for p in pts], marker=".", label=kind)
+    ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
+    cal = result["calibrated"]
+    ax.plot([cal["flops_fraction"]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
+    ax.set_xlabel("mean FLOPs per sample / whole network")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"accuracy against computation ({result['samples']} samples)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.frontier", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
+    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
+    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
+    p.add_argument("--points", type=positive_int, default=41, help="thresholds per policy (default 41)")
+    p.add_argument("--out", type=Path, required=True, help="folder for frontier.json and frontier.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    data = load(args.data, args.split, limit=args.limit)
+    result = frontier(args.bundle, data.images, data.labels, args.points)
+    result["data"] = args.data
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "frontier.png")
+    cal = result["calibrated"]
+    print(f"final exit accuracy {result['final_accuracy']:.4f}; calibrated gates: accuracy {cal['accuracy']:.4f} "
+          f"at {cal['flops_fraction']:.1%} of the network's FLOPs, exits {cal['exits']}")
+    print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
