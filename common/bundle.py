@@ -20,7 +20,7 @@ from common.flops import count_flops
 from common.gates import Gate, gate_from_dict, gate_to_dict
 from common.models import ModelSpec, MultiExitNet
 from common.runtime import TierSpec
-from common.split import TIER_NAMES, Segment, SegmentPlan, build_segment, plan_segments
+from common.split import TIER_NAMES, Segment, SegmentPlan, build_segment, plan_segments, segment_flops
 
 FORMAT = "splitexit-bundle/1"
 MANIFEST = "manifest.json"
@@ -34,6 +34,15 @@ class TierBundle:
     manifest: dict
     segment: Segment
     gate: Gate
+
+    def policy_gate(self, name: str) -> Gate:
+        """The gate of stored policy ``name`` for this tier's exit."""
+        stored = self.manifest.get("policies") or {}
+        if self.manifest["tier_index"] == len(self.manifest["tiers"]) - 1:
+            return self.gate  # the last tier always answers, whatever the policy
+        if name not in stored:
+            raise ConfigError(f"the {self.tier} bundle has no policy {name!r}; it has: {', '.join(stored) or 'none'}")
+        return gate_from_dict(stored[name])
 
     @property
     def tier(self) -> str:
@@ -65,21 +74,26 @@ def _plan_dict(plan: SegmentPlan, spec: ModelSpec) -> dict:
 
 
 def export_bundles(
-    model: MultiExitNet, gates: list[Gate], out: Path, class_names: list[str], tiers: tuple[str, ...] = TIER_NAMES
+    model: MultiExitNet, gates: list[Gate], out: Path, class_names: list[str], tiers: tuple[str, ...] = TIER_NAMES,
+    policies: dict[str, list[Gate]] | None = None, active: str | None = None,
 ) -> list[Path]:
-    """Write one bundle folder per tier under ``out``; ``gates[i]`` guards tier i's exit (the last is ignored)."""
+    """Write one bundle folder per tier under ``out``; ``gates[i]`` guards tier i's exit (the last is ignored).
+
+    ``policies`` (name -> one gate per early exit) are stored too, so a tier can switch policy at start-up
+    (``--policy NAME``) without retraining; ``active`` names the policy ``gates`` came from.
+    """
     spec = model.spec
     plans = plan_segments(spec, model.backbone.stage_names, tiers)
-    if len(gates) < len(plans) - 1:
-        raise ConfigError(f"need a gate for each of the {len(plans) - 1} early exits, got {len(gates)}")
+    policies = policies or {}
+    for name, gs in {"gates": gates, **policies}.items():
+        if len(gs) != len(plans) - 1:
+            raise ConfigError(f"{name}: need one gate for each of the {len(plans) - 1} early exits, got {len(gs)}")
     model = model.eval()
     x = torch.zeros((1, *spec.input_shape), dtype=torch.uint8)
     full_flops = count_flops(_Backbone(model), x)
     parts = []  # (plan, segment, example input, stage FLOPs, head FLOPs, output shape)
-    for plan in plans:
+    for plan, (stage_flops, head_flops) in zip(plans, segment_flops(model, tiers)):
         segment = build_segment(model, plan).eval()
-        stage_flops = count_flops(_Stages(segment), x)
-        head_flops = count_flops(segment, x) - stage_flops
         with torch.no_grad():
             features, _ = segment(x)
         parts.append((plan, segment, x, stage_flops, head_flops, tuple(features.shape[1:])))
@@ -104,6 +118,8 @@ def export_bundles(
             "model": spec.to_dict(),
             "segment": _plan_dict(plan, spec),
             "gate": gate_to_dict(gate),
+            "policy": active if not plan.is_last else "final",
+            "policies": {} if plan.is_last else {n: gate_to_dict(gs[plan.index]) for n, gs in policies.items()},
             "input": {
                 "shape": list(x_in.shape[1:]),
                 "dtype": str(x_in.dtype).removeprefix("torch."),
@@ -127,15 +143,6 @@ class _Backbone(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.backbone(self.model.normalize(images))
-
-
-class _Stages(torch.nn.Module):
-    def __init__(self, segment: Segment) -> None:
-        super().__init__()
-        self.segment = segment
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.segment.stages(self.segment.preprocess(x))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -47,6 +47,7 @@ def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per request (default 64)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
     parser.add_argument("--report", type=Path, default=None, help="write the report JSON here")
+    parser.add_argument("--policy", default=None, help="exit policy stored in the bundle to use (e.g. mlp, cost)")
     parser.add_argument("--gate", action="append", help=gate_help)
 
 

@@ -2,6 +2,10 @@
 
 A gate never sees the network; it sees only the logits of the exit it guards. Gates serialise to a small dict
 (``{"kind": "confidence", "threshold": 0.9}``) stored in each tier's manifest and are rebuilt by ``gate_from_dict``.
+
+Thresholded gates compare one softmax statistic with a threshold. Learned gates (``mlp``, ``cost``) run a tiny MLP
+over statistics of the exit's logits and exit when its output probability reaches a threshold; their weights travel
+in the manifest as JSON numbers, so a bundle never carries pickled code. They are fitted in ``training.policies``.
 """
 from __future__ import annotations
 
@@ -76,6 +80,87 @@ class MarginGate:
         return {"threshold": self.threshold}
 
 
+GATE_FEATURES = ("confidence", "entropy", "margin", "depth", "logit_norm")
+
+
+def gate_features(logits: Tensor, depth: float) -> Tensor:
+    """``(N, 5)`` inputs of a learned gate: max probability, normalised entropy, margin, normalised depth of the
+    exit (0 = first, 1 = last), and the L2 norm of the logits."""
+    s = softmax_stats(logits)
+    cols = [s["confidence"], s["entropy"], s["margin"], torch.full_like(s["margin"], float(depth)),
+            logits.float().norm(dim=1)]
+    return torch.stack(cols, dim=1)
+
+
+class GateMLP(torch.nn.Module):
+    """Standardise the gate features, then Linear -> ReLU -> Linear -> one logit (probability of exiting)."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        n = len(GATE_FEATURES)
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("std", torch.ones(n))
+        self.net = torch.nn.Sequential(torch.nn.Linear(n, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net((features - self.mean) / self.std).squeeze(1)
+
+    def to_dict(self) -> dict[str, list]:
+        return {k: v.detach().flatten().tolist() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateMLP":
+        try:
+            hidden = len(d["net.0.bias"])
+            mlp = cls(hidden)
+            state = {k: torch.tensor(d[k], dtype=torch.float32).view_as(v) for k, v in mlp.state_dict().items()}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"learned gate weights are malformed: {e}") from None
+        if not all(torch.isfinite(t).all() for t in state.values()) or not bool((state["std"] > 0).all()):
+            raise ConfigError("learned gate weights must be finite with positive feature scales")
+        mlp.load_state_dict(state)
+        return mlp.eval()
+
+
+@dataclass(frozen=True, eq=False)
+class LearnedGate:
+    """Exit when the gate MLP's probability for this exit is at least ``threshold``.
+
+    ``kind`` is ``mlp`` (trained to predict whether the exit's answer is right) or ``cost`` (trained, together with
+    the other exits' gates, to minimise ``(1 - alpha) * loss + alpha * normalised FLOPs``; ``alpha`` records which).
+    """
+
+    kind: str
+    mlp: GateMLP
+    depth: float
+    threshold: float = 0.5
+    alpha: float | None = None
+
+    def probability(self, logits: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(self.mlp(gate_features(logits, self.depth)))
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.probability(logits) >= self.threshold
+
+    def with_threshold(self, threshold: float) -> "LearnedGate":
+        return LearnedGate(self.kind, self.mlp, self.depth, threshold, self.alpha)
+
+    def params(self) -> dict:
+        out = {"threshold": self.threshold, "depth": self.depth, "weights": self.mlp.to_dict()}
+        if self.alpha is not None:
+            out["alpha"] = self.alpha
+        return out
+
+
+def _learned(kind: str):
+    def build(p: dict) -> LearnedGate:
+        alpha = _number(p, "alpha") if kind == "cost" else None
+        return LearnedGate(kind, GateMLP.from_dict(p["weights"]), _number(p, "depth"), _threshold(p), alpha)
+
+    return build
+
+
 @dataclass(frozen=True)
 class ConstantGate:
     """Exit every sample (``always``) or none (``never``); useful to pin a deployment's routing."""
@@ -93,22 +178,28 @@ class ConstantGate:
         return {}
 
 
-def _threshold(p: dict) -> float:
-    t = p["threshold"]
+def _number(p: dict, key: str) -> float:
+    t = p[key]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise ConfigError(f"gate threshold must be a finite number, got {t!r}")
+        raise ConfigError(f"gate {key} must be a finite number, got {t!r}")
     return float(t)
+
+
+def _threshold(p: dict) -> float:
+    return _number(p, "threshold")
 
 
 _FACTORIES: dict[str, Callable[[dict], Gate]] = {
     "confidence": lambda p: ConfidenceGate(_threshold(p)),
     "entropy": lambda p: EntropyGate(_threshold(p)),
     "margin": lambda p: MarginGate(_threshold(p)),
+    "mlp": _learned("mlp"),
+    "cost": _learned("cost"),
     "always": lambda p: ConstantGate(True),
     "never": lambda p: ConstantGate(False),
 }
 _PARAMS = {"confidence": {"threshold"}, "entropy": {"threshold"}, "margin": {"threshold"}, "always": set(),
-           "never": set()}
+           "never": set(), "mlp": {"threshold", "depth", "weights"}, "cost": {"threshold", "depth", "weights", "alpha"}}
 # Thresholded gates as (statistic, direction): a sample exits when ``direction * (stat - threshold) >= 0``.
 THRESHOLD_GATES = {"confidence": ("confidence", 1), "entropy": ("entropy", -1), "margin": ("margin", 1)}
 
@@ -135,8 +226,15 @@ def gate_from_dict(d: dict) -> Gate:
     return _FACTORIES[kind](d)
 
 
+def scalar_params(gate: Gate) -> dict[str, float]:
+    """The numeric parameters of ``gate`` (a learned gate's weights left out), e.g. for ``Describe``."""
+    return {k: float(v) for k, v in gate.params().items() if isinstance(v, (int, float))}
+
+
 def format_gate(gate: Gate) -> str:
-    """The command-line form of ``gate``; ``parse_gate(format_gate(g))`` rebuilds ``g`` exactly."""
+    """The command-line form of a thresholded or constant gate; ``parse_gate(format_gate(g))`` rebuilds ``g``."""
+    if isinstance(gate, LearnedGate):
+        raise ConfigError(f"a learned {gate.kind!r} gate has no command-line form; select it with --policy")
     params = gate.params()
     return gate.kind if not params else f"{gate.kind}:{params['threshold']!r}"
 

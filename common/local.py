@@ -40,14 +40,17 @@ def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = 
     return runtime
 
 
-def load_local_chain(root: Path, gates: dict[str, Gate] | None = None) -> tuple[TierRuntime, list[TierBundle]]:
-    """Load every tier of the bundle root ``root`` and chain them; ``gates`` maps tier name -> gate override."""
+def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: str | None = None
+                     ) -> tuple[TierRuntime, list[TierBundle]]:
+    """Load every tier of the bundle root ``root`` and chain them. ``policy`` selects a stored policy for every
+    tier; ``gates`` (tier name -> gate) overrides single tiers on top of that."""
     bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
     gates = gates or {}
     unknown = set(gates) - {b.tier for b in bundles}
     if unknown:
         raise ConfigError(f"gate overrides name unknown tiers {sorted(unknown)}")
-    return chain_runtimes(bundles, [gates.get(b.tier) for b in bundles]), bundles
+    chosen = [gates.get(b.tier) or (b.policy_gate(policy) if policy else None) for b in bundles]
+    return chain_runtimes(bundles, chosen), bundles
 
 
 @torch.inference_mode()
@@ -75,9 +78,10 @@ def exit_costs(bundles: list[TierBundle]) -> list[float]:
 
 
 def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                        gates: dict[str, Gate] | None = None) -> tuple[dict, list[RequestRecord]]:
+                        gates: dict[str, Gate] | None = None, policy: str | None = None
+                        ) -> tuple[dict, list[RequestRecord]]:
     """Report of the in-process chain of ``root`` over ``images``, batched exactly as a client would send them."""
-    first, bundles = load_local_chain(root, gates)
+    first, bundles = load_local_chain(root, gates, policy)
     m = bundles[0].manifest
     return feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
                            m["flops"]["full_network"], run_id="in-process")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from common.errors import ConfigError
@@ -66,3 +67,41 @@ def build_segment(model: MultiExitNet, plan: SegmentPlan) -> Segment:
 def split_model(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> list[Segment]:
     """All segments of ``model``, first to last."""
     return [build_segment(model, p) for p in plan_segments(model.spec, model.backbone.stage_names, tiers)]
+
+
+def segment_flops(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> list[tuple[int, int]]:
+    """Per-sample ``(stage FLOPs, exit head FLOPs)`` of each segment, first to last."""
+    from common.flops import count_flops  # local: counting pulls in torch's dispatch machinery
+
+    x = torch.zeros((1, *model.spec.input_shape), dtype=torch.uint8)
+    out = []
+    for segment in split_model(model, tiers):
+        stages = count_flops(_StagesOnly(segment), x)
+        out.append((stages, count_flops(segment, x) - stages))
+        with torch.no_grad():
+            was = [(m, m.training) for m in segment.modules()]
+            segment.eval()
+            x, _ = segment(x)
+            for m, training in was:
+                m.training = training
+    return out
+
+
+def exit_costs(model: MultiExitNet) -> list[float]:
+    """FLOPs per sample of leaving at each exit: every segment and exit head up to and including that exit's."""
+    costs, total = [], 0.0
+    for stages, head in segment_flops(model):
+        total += stages + head
+        costs.append(total)
+    return costs
+
+
+class _StagesOnly(nn.Module):
+    """A segment without its exit head, to count the stages' FLOPs alone."""
+
+    def __init__(self, segment: Segment) -> None:
+        super().__init__()
+        self.segment = segment
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.segment.stages(self.segment.preprocess(x))

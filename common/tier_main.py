@@ -20,7 +20,7 @@ import torch
 from common.bundle import load_tier_bundle
 from common.cli import address, positive_int
 from common.errors import ConfigError
-from common.gates import gate_to_dict, parse_gate
+from common.gates import parse_gate, scalar_params
 from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, message_limit, set_serving
 from common.runtime import TierRuntime
 
@@ -51,7 +51,9 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True, help=f"the {tier} bundle folder (or the export root)")
     p.add_argument("--listen", type=address, default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0 = any)")
     p.add_argument("--next", type=address, default=None, help="HOST:PORT of the next tier (not for the last tier)")
-    p.add_argument("--gate", default=None, help="override the bundle's gate: confidence:T, entropy:T, always, never")
+    p.add_argument("--policy", default=None, help="use another exit policy stored in the bundle (e.g. mlp, cost)")
+    p.add_argument("--gate", default=None,
+                   help="override the gate: confidence:T, entropy:T, margin:T, always or never")
     p.add_argument("--max-batch", type=positive_int, default=512, help="largest batch a request may carry")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
@@ -76,7 +78,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         raise ConfigError(f"the {tier} tier is the last tier and takes no --next")
     if not spec.is_last and not args.next:
         raise ConfigError(f"the {tier} tier forwards declined samples and needs --next HOST:PORT")
-    gate = parse_gate(args.gate) if args.gate else bundle.gate
+    gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
 
     m = bundle.manifest
     itemsize_in = torch.empty((), dtype=spec.input_dtype).element_size()
@@ -85,8 +87,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     limit = message_limit(in_bytes, out_bytes, args.max_batch)
     forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
     runtime = TierRuntime(spec, bundle.segment, gate, forward)
-    g = gate_to_dict(runtime.gate)
-    kind = g.pop("kind")
+    kind, g = runtime.gate.kind, scalar_params(runtime.gate)
     description = describe_tier(m, kind, g, args.next or "")
     server, port, health = create_server(TierServicer(runtime, description), args.listen, args.workers, limit)
     stop = threading.Event()

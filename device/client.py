@@ -20,7 +20,7 @@ from common.rpc import NextTierClient
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
-               gates: dict[str, Gate] | None = None, timeout_s: float = 120.0) -> dict:
+               gates: dict[str, Gate] | None = None, timeout_s: float = 120.0, policy: str | None = None) -> dict:
     """Feed ``images`` to the device tier at ``target``; compare with the in-process chain when ``bundle`` is given."""
     client = NextTierClient(target, timeout_s=timeout_s)
     try:
@@ -31,7 +31,7 @@ def run_client(target: str, images, labels, batch_size: int, bundle: Path | None
         client.close()
     report["model_id"] = info.model_id
     if bundle is not None:
-        ref_report, ref_records = evaluate_in_process(bundle, images, labels, batch_size, gates)
+        ref_report, ref_records = evaluate_in_process(bundle, images, labels, batch_size, gates, policy)
         compare(report, records, ref_records, ref_report)
     return report
 
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
-    report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout)
+    report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout,
+                        args.policy)
     emit_report(report, args)
     return 0
 

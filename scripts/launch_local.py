@@ -51,6 +51,7 @@ class LocalDeployment:
     bundle: Path
     host: str = "127.0.0.1"
     gates: dict[str, Gate] = field(default_factory=dict)  # tier -> gate override
+    policy: str | None = None  # stored exit policy every tier should use instead of its active one
     extra_args: dict[str, list[str]] = field(default_factory=dict)  # tier -> more command-line flags
     log_dir: Path | None = None
     # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy.
@@ -99,6 +100,8 @@ class LocalDeployment:
                "--ready-file", str(ready), "--grace", str(self.grace_s)]
         if next_address:
             cmd += ["--next", self.link(tier, next_address) if self.link else next_address]
+        if self.policy:
+            cmd += ["--policy", self.policy]
         if tier in self.gates:
             cmd += ["--gate", format_gate(self.gates[tier])]
         cmd += self.extra_args.get(tier, [])
@@ -153,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     gates = tier_gates(args.gate)
-    deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, log_dir=args.log_dir)
+    deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, policy=args.policy, log_dir=args.log_dir)
     data = load(args.data, args.split, limit=args.limit)
     with deployment:
         print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
-                            None if args.no_compare else args.bundle, gates)
+                            None if args.no_compare else args.bundle, gates, policy=args.policy)
     emit_report(report, args)
     return 0
 

@@ -35,7 +35,9 @@ def test_list_flags_are_comma_separated():
     ("loss_weights = [1.0]", "loss_weights"),
     ("width = [", "not valid TOML"),
     ("exit_points = [2]", "exit_points"),
-    ("gate = 'bogus'", "gate"),
+    ("policy = 'bogus'", "policy"),
+    ("alpha = 2.0", "alpha"),
+    ("target_drop = 1.0\nbudget_flops = 0.5", "at most one"),
     ("target_accuracy = 1.5", "target_accuracy"),
     ("loss_weights = [0.0, 0.0, 1.0]", "loss_weights"),
 ])

@@ -163,3 +163,14 @@ def test_stopping_leaves_no_process_behind(tiny_bundle):
         assert all(p.poll() is None for p in procs)
     assert all(p.poll() is not None for p in procs)
     assert [p.returncode for p in procs] == [0, 0, 0]  # SIGTERM -> drain -> clean exit
+
+
+@pytest.mark.parametrize("policy", ["mlp", "cost"])
+def test_learned_policies_served_by_the_tiers_match_in_process(tiny_bundle, test_slice, policy, stub_for):
+    with LocalDeployment(tiny_bundle, policy=policy, startup_timeout_s=TIMEOUT) as dep:
+        info = stub_for(dep.device_address).Describe(pb.DescribeRequest(), timeout=TIMEOUT)
+        report = run_client(dep.device_address, test_slice.images, test_slice.labels, 32, tiny_bundle,
+                            policy=policy)
+    assert info.gate_kind == policy and "threshold" in info.gate_params
+    assert report["prediction_mismatches"] == 0
+    assert report["accuracy"] == report["in_process_accuracy"]

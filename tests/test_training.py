@@ -14,8 +14,11 @@ from training.train import train
 def test_joint_run_writes_a_calibrated_checkpoint(tiny_run):
     model, meta = checkpoint.load(tiny_run)
     assert len(meta["gates"]) == 2 and meta["class_names"][0] == "class0"
-    cal = meta["calibration"]
-    assert cal["val_samples"] == 400 and sum(cal["val_exit_counts"]) == 400
+    assert meta["policy"] == "confidence" and meta["gates"] == meta["policies"]["confidence"]
+    assert set(meta["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    for name, cal in meta["calibration"].items():  # calibrated on the half of validation the gates never saw
+        assert cal["val_samples"] == 200 and sum(cal["val_exit_counts"]) == 200, name
+        assert 0 < cal["val_flops_fraction"] < 1.1
     assert json.loads((tiny_run.parent / "config.json").read_text())["width"] == 0.125
     history = json.loads((tiny_run.parent / "history.json").read_text())
     assert history[0]["samples"] == 25 * 128
@@ -85,8 +88,10 @@ def test_uncalibrated_checkpoint_is_refused_until_calibrated(tiny_run, tmp_path)
     checkpoint.save(model, {**meta, "gates": None, "progress": {"stage": "joint", "epoch": 1}}, path)
     with pytest.raises(ConfigError, match="not calibrated"):
         export(path, tmp_path / "bundle")
-    assert calibrate.main(["--checkpoint", str(path), "--target-accuracy", "0.5", "--gate", "entropy"]) == 0
+    assert calibrate.main(["--checkpoint", str(path), "--target-accuracy", "0.5", "--policy", "entropy"]) == 0
     _, meta2 = checkpoint.load(path)
-    assert [g["kind"] for g in meta2["gates"]] != [] and meta2["calibration"]["target_accuracy"] == 0.5
+    assert meta2["policy"] == "entropy" and meta2["calibration"]["entropy"]["target"] == 0.5
     assert all(g["kind"] in ("entropy", "never") for g in meta2["gates"])
+    # The learned gates were kept: only thresholds are re-calibrated.
+    assert [g["weights"] for g in meta2["policies"]["mlp"]] == [g["weights"] for g in meta["policies"]["mlp"]]
     assert len(export(path, tmp_path / "bundle")) == 3

@@ -38,9 +38,15 @@ class TrainConfig:
     augment: str = field(default="auto", metadata={"help": "auto, none or crop_flip (auto: none for synthetic)"})
     max_batches: int | None = _h("stop each epoch after this many batches (quick runs, tests)")
     threads: int | None = _h("torch intra-op threads")
-    # Calibration (third stage)
-    gate: str = field(default="confidence", metadata={"help": "gate kind to calibrate: confidence, entropy, margin"})
+    # Exit policies (third stage): fitted on one half of the validation split, calibrated on the other
+    policy: str = field(default="confidence", metadata={
+        "help": "active policy in the bundle: confidence, entropy, margin, mlp or cost (all are fitted and stored)"})
+    alpha: float = field(default=0.5, metadata={"help": "cost policy: weight of FLOPs against loss, in [0, 1]"})
+    epochs_gates: int = field(default=40, metadata={"help": "epochs of learned-gate fitting on cached exit outputs"})
+    gate_max_batches: int | None = _h("stop each gate-fitting epoch after this many batches")
     target_accuracy: float | None = _h("accuracy each early exit must keep (default: final exit's val accuracy)")
+    target_drop: float | None = _h("calibrate to the cheapest thresholds within this many points of the final exit")
+    budget_flops: float | None = _h("calibrate to the most accurate thresholds within this FLOPs fraction")
 
     def __post_init__(self) -> None:
         if self.mode not in ("joint", "staged"):
@@ -56,8 +62,12 @@ class TrainConfig:
             raise ValueError("width, batch_size and lr must be positive")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.gate not in ("confidence", "entropy", "margin"):
-            raise ValueError(f"gate must be confidence, entropy or margin, got {self.gate!r}")
+        if self.policy not in ("confidence", "entropy", "margin", "mlp", "cost"):
+            raise ValueError(f"policy must be confidence, entropy, margin, mlp or cost, got {self.policy!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if sum(x is not None for x in (self.target_accuracy, self.target_drop, self.budget_flops)) > 1:
+            raise ValueError("give at most one of target_accuracy, target_drop and budget_flops")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
         if any(w < 0 for w in self.loss_weights) or not any(self.loss_weights[:-1]) or not self.loss_weights[-1]:

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
-    report, _ = evaluate_in_process(args.bundle, data.images, data.labels, args.batch_size, gates)
+    report, _ = evaluate_in_process(args.bundle, data.images, data.labels, args.batch_size, gates, args.policy)
     emit_report(report, args)
     return 0
 

@@ -17,17 +17,19 @@ from training import checkpoint
 
 
 def export(checkpoint_path: Path, out: Path, gate_specs: list[str] | None = None) -> list[Path]:
+    """Write the bundles of a checkpoint: its active policy's gates (or ``gate_specs``) plus every stored policy."""
     model, meta = checkpoint.load(checkpoint_path)
+    policies = {name: [gate_from_dict(g) for g in gs] for name, gs in (meta.get("policies") or {}).items()}
     if gate_specs:
         if len(gate_specs) != model.num_exits - 1:
             raise ConfigError(f"give one --gate per early exit ({model.num_exits - 1}), got {len(gate_specs)}")
-        gates = [parse_gate(s) for s in gate_specs]
+        gates, active = [parse_gate(s) for s in gate_specs], "command-line"
     elif meta.get("gates") is None:
         raise ConfigError(f"{checkpoint_path} is not calibrated yet (training stopped at {meta.get('progress')}): "
                           "run python -m training.calibrate --checkpoint FILE, or pass --gate per exit")
     else:
-        gates = [gate_from_dict(g) for g in meta["gates"]]
-    return export_bundles(model, gates, out, meta["class_names"])
+        gates, active = [gate_from_dict(g) for g in meta["gates"]], meta.get("policy")
+    return export_bundles(model, gates, out, meta["class_names"], policies=policies, active=active)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -23,10 +23,11 @@ from common.cli import run
 from common.config import add_config_args, resolve_config, save_config
 from common.models import ExitHeadSpec, ModelSpec, MultiExitNet
 from training import checkpoint
-from training.calibrate import calibrate_on
+from common.split import exit_costs, segment_flops
 from training.config import TrainConfig
 from training.data import ImageSet, load, parse_spec
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
+from training.policies import build_policies
 
 
 def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int, int]) -> MultiExitNet:
@@ -109,13 +110,34 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         for p in model.backbone.parameters():
             p.requires_grad_(True)
     model.eval()
-    calibration = calibrate_on(collect_logits(model, val_set), val_set.labels, cfg.target_accuracy, cfg.gate)
-    print(f"[calibrate] target accuracy {calibration['target_accuracy']:.4f}: gates {calibration['gates']}, "
-          f"validation accuracy {calibration['val_accuracy']:.4f}, exits {calibration['val_exit_counts']}")
-    meta = {**base_meta, "gates": calibration["gates"], "calibration": calibration}
+    meta = {**base_meta, **fit_and_calibrate(model, val_set, cfg)}
     checkpoint.save(model, meta, ckpt)
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return meta
+
+
+def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
+                      learned: dict | None = None) -> dict:
+    """Third stage: fit the learned policies and calibrate every policy on the validation split; the checkpoint
+    metadata keys ``policies``, ``policy`` (active), ``gates`` (the active policy's) and ``calibration``."""
+    costs = exit_costs(model)
+    full = float(segment_flops_full(model))
+    built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
+                           epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
+                           target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
+                           learned=learned)
+    for name, c in built["calibration"].items():
+        print(f"[policies] {name:>10}: validation accuracy {c['val_accuracy']:.4f} at "
+              f"{c['val_flops_fraction']:.1%} FLOPs, exits {c['val_exit_counts']}"
+              + ("   <- active" if name == cfg.policy else ""))
+    return {"policies": built["policies"], "policy": cfg.policy, "gates": built["policies"][cfg.policy],
+            "calibration": built["calibration"]}
+
+
+def segment_flops_full(model: MultiExitNet) -> int:
+    """FLOPs per sample of the whole backbone (stages and final classifier, no early exit heads)."""
+    flops = segment_flops(model)
+    return sum(stages for stages, _ in flops) + flops[-1][1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

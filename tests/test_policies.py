@@ -1,0 +1,96 @@
+"""Learned exit policies (mlp, cost) and the calibration objectives, on synthetic exit outputs of known shape."""
+import pytest
+import torch
+
+from common.gates import LearnedGate, gate_from_dict, gate_to_dict
+from training.calibrate import calibrate_policy, cascade, policy_family
+from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates
+
+
+def synthetic_exits(n=2000, seed=0):
+    """Three exits over 5 classes. Each sample has a difficulty d in [0, 1]; exit k is right when d < its skill,
+    and its confidence falls with d, so confidence carries the signal a gate should learn."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    d = torch.rand(n, generator=g)
+    logits = []
+    for skill in (0.4, 0.7, 0.95):
+        right = d < skill
+        pred = torch.where(right, labels, (labels + 1) % 5)
+        strength = 1.0 + 6.0 * (1 - d) + 0.5 * torch.randn(n, generator=g)
+        lg = 0.3 * torch.randn(n, 5, generator=g)
+        lg[torch.arange(n), pred] += strength
+        logits.append(lg)
+    return logits, labels
+
+
+COSTS = [30.0, 60.0, 100.0]
+
+
+def _auc(scores, positives):
+    pos, neg = scores[positives], scores[~positives]
+    return float((pos[:, None] > neg[None, :]).float().mean())
+
+
+def test_mlp_gate_learns_who_is_right():
+    logits, labels = synthetic_exits()
+    gates = fit_mlp_gates(logits, labels, epochs=30)
+    assert [g.kind for g in gates] == ["mlp", "mlp"] and [g.depth for g in gates] == [0.0, 0.5]
+    test_logits, test_labels = synthetic_exits(seed=1)
+    for gate, lg in zip(gates, test_logits):
+        p = gate.probability(lg)
+        assert _auc(p, lg.argmax(1) == test_labels) > 0.85
+
+
+def test_learned_gates_survive_the_manifest_exactly():
+    logits, labels = synthetic_exits(n=500)
+    gate = fit_mlp_gates(logits, labels, epochs=5)[0].with_threshold(0.37)
+    again = gate_from_dict(gate_to_dict(gate))
+    assert isinstance(again, LearnedGate) and again.threshold == 0.37
+    assert torch.equal(again.probability(logits[0]), gate.probability(logits[0]))
+
+
+def test_cost_alpha_trades_accuracy_for_flops():
+    logits, labels = synthetic_exits()
+    outcomes = {}
+    for alpha in (0.0, 0.3, 1.0):
+        gates = fit_cost_gates(logits, labels, COSTS, alpha, epochs=30)
+        assert all(g.kind == "cost" and g.alpha == alpha for g in gates)
+        outcomes[alpha] = cascade(logits, labels, gates, COSTS)
+    assert outcomes[1.0]["exit_counts"][0] > 0.95 * len(labels)  # cost only: leave at once
+    assert outcomes[0.0]["accuracy"] > outcomes[1.0]["accuracy"]
+    assert outcomes[0.0]["mean_cost"] > outcomes[0.3]["mean_cost"] > outcomes[1.0]["mean_cost"]
+
+
+def test_cascade_objective_matches_its_definition():
+    losses = torch.tensor([[1.0, 2.0, 3.0]])
+    costs = torch.tensor([0.2, 0.5, 1.0])
+    big = torch.tensor([50.0])  # sigmoid = 1: always exit at the first gate
+    assert cascade_objective([big, big], losses, costs, 0.0).item() == pytest.approx(1.0)
+    assert cascade_objective([-big, big], losses, costs, 1.0).item() == pytest.approx(0.5)
+    zero = torch.tensor([0.0])  # 1/2 exit at 0, 1/4 at 1, 1/4 at the end
+    assert cascade_objective([zero, zero], losses, costs, 0.5).item() == pytest.approx(
+        0.5 * (0.5 * 1 + 0.25 * 2 + 0.25 * 3) + 0.5 * (0.5 * 0.2 + 0.25 * 0.5 + 0.25 * 1.0))
+
+
+@pytest.mark.parametrize("policy", ["confidence", "entropy", "margin", "mlp"])
+def test_target_drop_and_budget(policy):
+    logits, labels = synthetic_exits()
+    templates = fit_mlp_gates(logits, labels, epochs=10) if policy == "mlp" else None
+    family = policy_family(policy, templates, 2)
+    final = float((logits[-1].argmax(1) == labels).double().mean())
+    gates, info = calibrate_policy(logits, labels, family, COSTS, target_drop=2.0)
+    out = cascade(logits, labels, gates, COSTS)
+    assert info["objective"] == "target_drop" and out["accuracy"] >= final - 0.02
+    assert out["mean_cost"] < COSTS[-1] * 0.9  # the drop allowance is spent on saving computation
+    gates, _ = calibrate_policy(logits, labels, family, COSTS, budget=0.6)
+    assert cascade(logits, labels, gates, COSTS)["mean_cost"] <= 0.6 * COSTS[-1]
+
+
+def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
+    logits, labels = synthetic_exits(n=1000)
+    built = build_policies(logits, labels, COSTS, COSTS[-1], alpha=0.4, epochs=5, max_batches=None, seed=0)
+    assert set(built["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    assert all(len(g) == 2 for g in built["policies"].values())
+    assert all(c["val_samples"] == 500 for c in built["calibration"].values())
+    assert built["calibration"]["cost"]["target"] == 0.4

@@ -1,0 +1,142 @@
+"""Fitting the learned exit policies on cached exit outputs (the third training stage).
+
+* ``mlp``  - one gate per early exit, trained with binary cross-entropy to predict whether that exit's answer is right.
+* ``cost`` - the gates of all early exits trained together to minimise ``(1 - alpha) * E[loss] + alpha * E[cost]``,
+  where a sample's exit distribution follows the cascade (exit k is reached only if every earlier gate declined),
+  the loss is the cross-entropy of the exit taken and the cost is the FLOPs spent up to it, as a share of the
+  whole network's. One ``alpha`` in [0, 1] trades accuracy for computation (after LEENet).
+
+Both are fitted on data the backbone was not trained on, and are cheap: they only see the exits' logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.gates import GateMLP, LearnedGate, gate_features
+
+
+def _standardised_mlp(features: Tensor, hidden: int) -> GateMLP:
+    mlp = GateMLP(hidden)
+    mlp.mean.copy_(features.mean(0))
+    mlp.std.copy_(features.std(0).nan_to_num(1.0).clamp_min(1e-4))
+    return mlp
+
+
+def _depths(num_exits: int) -> list[float]:
+    return [k / (num_exits - 1) for k in range(num_exits - 1)]
+
+
+def _minibatches(n: int, batch_size: int, gen: torch.Generator, max_batches: int | None):
+    order = torch.randperm(n, generator=gen)
+    for b, lo in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        yield order[lo:lo + batch_size]
+
+
+def fit_mlp_gates(exit_logits: list[Tensor], labels: Tensor, *, epochs: int = 40, max_batches: int | None = None,
+                  batch_size: int = 256, lr: float = 1e-2, hidden: int = 16, seed: int = 0) -> list[LearnedGate]:
+    """One ``mlp`` gate per early exit; its probability estimates P(this exit's prediction is correct)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    gates = []
+    for logits, depth in zip(exit_logits[:-1], _depths(len(exit_logits))):
+        features = gate_features(logits, depth)
+        target = (logits.argmax(1) == labels).float()
+        mlp = _standardised_mlp(features, hidden)
+        opt = torch.optim.Adam(mlp.net.parameters(), lr=lr)
+        for _ in range(epochs):
+            for idx in _minibatches(len(labels), batch_size, gen, max_batches):
+                loss = F.binary_cross_entropy_with_logits(mlp(features[idx]), target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        gates.append(LearnedGate("mlp", mlp.eval(), depth, 0.5))
+    return gates
+
+
+def cascade_objective(gate_logits: list[Tensor], exit_losses: Tensor, costs: Tensor, alpha: float) -> Tensor:
+    """Mean of ``(1 - alpha) * E[loss] + alpha * E[cost]`` under the cascade's exit distribution.
+
+    ``gate_logits[k]`` (N,) are the early gates' outputs, ``exit_losses`` (N, E) every exit's loss and ``costs`` (E,)
+    the normalised cost of leaving at each exit.
+    """
+    remain = torch.ones_like(exit_losses[:, 0])
+    expected_loss = torch.zeros_like(remain)
+    expected_cost = torch.zeros_like(remain)
+    for k, g in enumerate(torch.sigmoid(x) for x in gate_logits):
+        p = remain * g
+        expected_loss = expected_loss + p * exit_losses[:, k]
+        expected_cost = expected_cost + p * costs[k]
+        remain = remain * (1 - g)
+    expected_loss = expected_loss + remain * exit_losses[:, -1]
+    expected_cost = expected_cost + remain * costs[-1]
+    return ((1 - alpha) * expected_loss + alpha * expected_cost).mean()
+
+
+def fit_cost_gates(exit_logits: list[Tensor], labels: Tensor, costs: list[float], alpha: float, *, epochs: int = 40,
+                   max_batches: int | None = None, batch_size: int = 256, lr: float = 1e-2, hidden: int = 16,
+                   seed: int = 0) -> list[LearnedGate]:
+    """The ``cost`` gates of every early exit, trained jointly; ``costs`` are cumulative FLOPs of each exit."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    depths = _depths(len(exit_logits))
+    features = [gate_features(lg, d) for lg, d in zip(exit_logits[:-1], depths)]
+    exit_losses = torch.stack([F.cross_entropy(lg.float(), labels, reduction="none") for lg in exit_logits], dim=1)
+    norm_costs = torch.tensor(costs, dtype=torch.float32) / costs[-1]
+    mlps = [_standardised_mlp(f, hidden) for f in features]
+    opt = torch.optim.Adam([p for m in mlps for p in m.net.parameters()], lr=lr)
+    for _ in range(epochs):
+        for idx in _minibatches(len(labels), batch_size, gen, max_batches):
+            loss = cascade_objective([m(f[idx]) for m, f in zip(mlps, features)], exit_losses[idx], norm_costs, alpha)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return [LearnedGate("cost", m.eval(), d, 0.5, alpha) for m, d in zip(mlps, depths)]
+
+
+def gate_split(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Split ``n`` validation samples into (fit, calibrate) halves: learned gates are fitted on the first and every
+    policy's thresholds are calibrated on the second, so no threshold is tuned on the data a gate was fitted to."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    return order[: n // 2], order[n // 2:]
+
+
+def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float], full_flops: float, *, alpha: float,
+                   epochs: int, max_batches: int | None, seed: int, target_accuracy: float | None = None,
+                   target_drop: float | None = None, budget: float | None = None,
+                   learned: dict[str, list[LearnedGate]] | None = None) -> dict:
+    """Fit the learned policies (unless given) and calibrate every policy on validation logits.
+
+    Returns ``{"policies": {name: [gate dict per early exit]}, "calibration": {name: outcome on the calibration
+    half}}``; the ``cost`` policy keeps its trained decision rule (probability >= 0.5) - its trade-off is ``alpha``.
+    """
+    from common.gates import gate_to_dict
+    from training.calibrate import POLICIES, calibrate_policy, cascade, policy_family
+
+    fit, cal = gate_split(len(labels), seed)
+    fit_logits, cal_logits = [lg[fit] for lg in exit_logits], [lg[cal] for lg in exit_logits]
+    if learned is None:
+        learned = {
+            "mlp": fit_mlp_gates(fit_logits, labels[fit], epochs=epochs, max_batches=max_batches, seed=seed),
+            "cost": fit_cost_gates(fit_logits, labels[fit], costs, alpha, epochs=epochs, max_batches=max_batches,
+                                   seed=seed),
+        }
+    policies, calibration = {}, {}
+    for name in POLICIES:
+        if name == "cost":
+            gates, info = list(learned["cost"]), {"objective": "alpha", "target": learned["cost"][0].alpha}
+        else:
+            family = policy_family(name, learned.get(name), len(exit_logits) - 1)
+            gates, info = calibrate_policy(cal_logits, labels[cal], family, costs, target_accuracy=target_accuracy,
+                                           target_drop=target_drop, budget=budget)
+        outcome = cascade(cal_logits, labels[cal], gates, costs)
+        policies[name] = [gate_to_dict(g) for g in gates]
+        calibration[name] = {**info, "val_accuracy": outcome["accuracy"], "val_exit_counts": outcome["exit_counts"],
+                             "val_flops_fraction": outcome["mean_cost"] / full_flops,
+                             "val_samples": len(cal)}
+    return {"policies": policies, "calibration": calibration}
