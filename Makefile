@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install proto clean
+.PHONY: demo test install proto clean cifar10
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ test: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m scripts.gen_proto
+
+# CIFAR-10 train split (JPEG) from the shared folder beside this repository, unpacked into data/ (git-ignored).
+cifar10: data/cifar10/train
+
+data/cifar10/train:
+	mkdir -p data
+	tar xzf ../shared/data/cifar10-train-jpeg.tar.gz -C data
 
 clean:
 	rm -rf runs .pytest_cache

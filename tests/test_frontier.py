@@ -11,7 +11,8 @@ def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
                           "--points", "11", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "frontier.json").read_text())
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
-    assert set(result["policies"]) == {"confidence", "entropy", "margin"}
+    assert set(result["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    assert len(result["policies"]["cost"]["points"]) == 1 and len(result["policies"]["mlp"]["points"]) > 5
     # The calibrated point is what the deployed chain actually does on the same data.
     report, _ = evaluate_in_process(tiny_bundle, test_slice.images, test_slice.labels, batch_size=64)
     cal = result["calibrated"]
@@ -19,8 +20,10 @@ def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
     assert cal["exits"] == report["exits"]
     assert cal["flops_fraction"] == pytest.approx(report["flops"]["mean_per_sample"]
                                                   / report["flops"]["full_network_per_sample"])
-    for policy in result["policies"].values():
+    for name, policy in result["policies"].items():
         pts = policy["points"]
+        if name == "cost":
+            continue
         assert all(sum(p["exits"].values()) == 192 for p in pts)
         assert [p["flops_fraction"] for p in pts] == sorted(p["flops_fraction"] for p in pts)
         # Sending everything to the final exit reproduces the final exit's accuracy at the highest cost.

@@ -19,9 +19,9 @@ import torch
 
 from common.bundle import find_tier_folders, load_tier_bundle
 from common.cli import positive_int, run
-from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict, threshold_gate
+from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict
 from common.local import all_exit_logits, exit_costs
-from training.calibrate import cascade, gate_score
+from training.calibrate import Thresholdable, cascade, policy_family
 from training.data import load
 
 
@@ -31,17 +31,15 @@ def _point(logits, labels, gates: list[Gate], costs: list[float], full: float, t
             "exits": dict(zip(tiers, sim["exit_counts"]))}
 
 
-def sweep(logits: list[torch.Tensor], labels: torch.Tensor, kind: str, costs: list[float], full: float,
-          tiers: list[str], points: int = 41) -> list[dict]:
-    """One point per threshold: thresholds at quantiles of the early exits' pooled scores, plus exit-all/none."""
-    scores = np.concatenate([gate_score(lg, kind) for lg in logits[:-1]])
+def sweep(logits: list[torch.Tensor], labels: torch.Tensor, family: list[Thresholdable], costs: list[float],
+          full: float, tiers: list[str], points: int = 41) -> list[dict]:
+    """One point per threshold (shared by the early exits), at quantiles of their pooled scores, plus exit-none."""
+    scores = np.concatenate([fam.score(lg) for fam, lg in zip(family, logits[:-1])])
     quantiles = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
-    direction = THRESHOLD_GATES[kind][1]
     out = []
     for q in quantiles:
-        threshold = float(q * direction)
-        gates = [threshold_gate(kind, threshold)] * (len(logits) - 1)
-        out.append({"parameter": threshold, **_point(logits, labels, gates, costs, full, tiers)})
+        gates = [fam.make(float(q)) for fam in family]
+        out.append({"parameter": gates[0].params()["threshold"], **_point(logits, labels, gates, costs, full, tiers)})
     never = [ConstantGate(False)] * (len(logits) - 1)
     out.append({"parameter": None, **_point(logits, labels, never, costs, full, tiers)})
     return sorted(out, key=lambda p: p["flops_fraction"])
@@ -57,15 +55,28 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     costs = exit_costs(bundles)
     full = float(bundles[0].manifest["flops"]["full_network"])
     calibrated = [b.gate for b in bundles[:-1]]
+    early = len(bundles) - 1
+    stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in bundles[:-1]))
+    policies = {kind: {"points": sweep(logits, labels, policy_family(kind, num_early=early), costs, full, tiers,
+                                       points)} for kind in THRESHOLD_GATES}
+    if "mlp" in stored:  # the fitted gate MLPs, swept over their probability threshold
+        templates = [b.policy_gate("mlp") for b in bundles[:-1]]
+        policies["mlp"] = {"points": sweep(logits, labels, policy_family("mlp", templates, early), costs, full,
+                                           tiers, points)}
+    if "cost" in stored:  # one point: the trade-off was fixed by alpha at training time
+        gates = [b.policy_gate("cost") for b in bundles[:-1]]
+        policies["cost"] = {"alpha": gates[0].alpha,
+                            "points": [{"parameter": gates[0].alpha, **_point(logits, labels, gates, costs, full,
+                                                                               tiers)}]}
     return {
         "samples": len(labels),
         "model_id": bundles[0].model_id,
         "final_accuracy": float((logits[-1].argmax(1) == labels).double().mean()),
         "exit_accuracy": dict(zip(tiers, [float((lg.argmax(1) == labels).double().mean()) for lg in logits])),
         "exit_flops_fraction": dict(zip(tiers, [c / full for c in costs])),
-        "policies": {kind: {"points": sweep(logits, labels, kind, costs, full, tiers, points)}
-                     for kind in THRESHOLD_GATES},
-        "calibrated": {"gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
+        "policies": policies,
+        "calibrated": {"policy": bundles[0].manifest.get("policy"),
+                       "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
                        **_point(logits, labels, calibrated, costs, full, tiers)},
         "forward_seconds": forward_s,
     }
@@ -80,7 +91,9 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, policy in result["policies"].items():
         pts = policy["points"]
-        ax.plot([p["flops_fraction"] for p in pts], [p["accuracy"] for p in pts], marker=".", label=kind)
+        style = {"marker": "D", "markersize": 8, "linestyle": "none"} if len(pts) == 1 else {"marker": "."}
+        label = f"cost (alpha={policy['alpha']})" if kind == "cost" else kind
+        ax.plot([p["flops_fraction"] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
     ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
     cal = result["calibrated"]
     ax.plot([cal["flops_fraction"]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
