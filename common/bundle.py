@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import ConfigError
 from common.flops import count_flops
-from common.gates import Gate, gate_from_dict, gate_to_dict
+from common.gates import POLICY_NAMES, Gate, gate_from_dict, gate_to_dict
 from common.models import ModelSpec, MultiExitNet
 from common.runtime import TierSpec
 from common.split import TIER_NAMES, Segment, SegmentPlan, build_segment, plan_segments, segment_flops
@@ -37,6 +37,8 @@ class TierBundle:
 
     def policy_gate(self, name: str) -> Gate:
         """The gate of stored policy ``name`` for this tier's exit."""
+        if name not in POLICY_NAMES:
+            raise ConfigError(f"unknown policy {name!r}; policies are {', '.join(POLICY_NAMES)}")
         stored = self.manifest.get("policies") or {}
         if self.manifest["tier_index"] == len(self.manifest["tiers"]) - 1:
             return self.gate  # the last tier always answers, whatever the policy
@@ -185,6 +187,9 @@ def _check_manifest(m: dict, path: Path) -> None:
             raise ConfigError(f"{path}: input.{key} is missing")
     if m["input"]["dtype"] not in ("uint8", "float32"):
         raise ConfigError(f"{path}: input dtype {m['input']['dtype']!r} is not one a tier accepts")
+    policies = m.get("policies", {})
+    if not isinstance(policies, dict) or not all(isinstance(g, dict) for g in policies.values()):
+        raise ConfigError(f"{path}: policies must map policy names to gate objects")
     if "exit_index" not in m["segment"]:
         raise ConfigError(f"{path}: segment.exit_index is missing")
 

@@ -201,6 +201,7 @@ _FACTORIES: dict[str, Callable[[dict], Gate]] = {
 _PARAMS = {"confidence": {"threshold"}, "entropy": {"threshold"}, "margin": {"threshold"}, "always": set(),
            "never": set(), "mlp": {"threshold", "depth", "weights"}, "cost": {"threshold", "depth", "weights", "alpha"}}
 # Thresholded gates as (statistic, direction): a sample exits when ``direction * (stat - threshold) >= 0``.
+POLICY_NAMES = ("confidence", "entropy", "margin", "mlp", "cost")
 THRESHOLD_GATES = {"confidence": ("confidence", 1), "entropy": ("entropy", -1), "margin": ("margin", 1)}
 
 

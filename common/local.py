@@ -68,13 +68,13 @@ def all_exit_logits(bundles: list[TierBundle], images: torch.Tensor, batch_size:
     return [torch.cat(chunks) for chunks in per_exit]
 
 
-def exit_costs(bundles: list[TierBundle]) -> list[float]:
-    """FLOPs per sample of leaving at each exit: every segment and exit head up to and including that exit's."""
+def bundle_costs(bundles: list[TierBundle]) -> tuple[list[float], float]:
+    """``(costs, full)`` from the manifests, as ``common.split.cost_table`` computes them from a model."""
     costs, total = [], 0.0
     for bundle in bundles:
         total += bundle.manifest["flops"]["segment"] + bundle.manifest["flops"]["head"]
         costs.append(total)
-    return costs
+    return costs, float(bundles[0].manifest["flops"]["full_network"])
 
 
 def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int,

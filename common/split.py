@@ -87,13 +87,15 @@ def segment_flops(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> l
     return out
 
 
-def exit_costs(model: MultiExitNet) -> list[float]:
-    """FLOPs per sample of leaving at each exit: every segment and exit head up to and including that exit's."""
+def cost_table(model: MultiExitNet) -> tuple[list[float], float]:
+    """``(costs, full)``: FLOPs per sample of leaving at each exit (every segment and exit head up to and including
+    that exit's), and of the whole network without early exit heads (stages + final classifier)."""
+    flops = segment_flops(model)
     costs, total = [], 0.0
-    for stages, head in segment_flops(model):
+    for stages, head in flops:
         total += stages + head
         costs.append(total)
-    return costs
+    return costs, float(sum(stages for stages, _ in flops) + flops[-1][1])
 
 
 class _StagesOnly(nn.Module):

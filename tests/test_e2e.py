@@ -168,9 +168,11 @@ def test_stopping_leaves_no_process_behind(tiny_bundle):
 @pytest.mark.parametrize("policy", ["mlp", "cost"])
 def test_learned_policies_served_by_the_tiers_match_in_process(tiny_bundle, test_slice, policy, stub_for):
     with LocalDeployment(tiny_bundle, policy=policy, startup_timeout_s=TIMEOUT) as dep:
-        info = stub_for(dep.device_address).Describe(pb.DescribeRequest(), timeout=TIMEOUT)
+        kinds = [stub_for(dep.addresses[t]).Describe(pb.DescribeRequest(), timeout=TIMEOUT).gate_kind
+                 for t in ("device", "edge")]
         report = run_client(dep.device_address, test_slice.images, test_slice.labels, 32, tiny_bundle,
                             policy=policy)
-    assert info.gate_kind == policy and "threshold" in info.gate_params
+    assert kinds == [policy, policy]
     assert report["prediction_mismatches"] == 0
     assert report["accuracy"] == report["in_process_accuracy"]
+    assert sum(1 for n in report["exits"].values() if n) >= 2, report["exits"]  # the learned gates did decide

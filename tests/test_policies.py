@@ -1,10 +1,14 @@
 """Learned exit policies (mlp, cost) and the calibration objectives, on synthetic exit outputs of known shape."""
+import json
+
 import pytest
 import torch
 
+from common.errors import ConfigError
+
 from common.gates import LearnedGate, gate_from_dict, gate_to_dict
 from training.calibrate import calibrate_policy, cascade, policy_family
-from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates
+from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
 
 
 def synthetic_exits(n=2000, seed=0):
@@ -24,7 +28,8 @@ def synthetic_exits(n=2000, seed=0):
     return logits, labels
 
 
-COSTS = [30.0, 60.0, 100.0]
+COSTS = [30.0, 60.0, 100.0]  # cumulative: the early exit heads make the last exit cost more than the network
+FULL = 90.0
 
 
 def _auc(scores, positives):
@@ -45,7 +50,7 @@ def test_mlp_gate_learns_who_is_right():
 def test_learned_gates_survive_the_manifest_exactly():
     logits, labels = synthetic_exits(n=500)
     gate = fit_mlp_gates(logits, labels, epochs=5)[0].with_threshold(0.37)
-    again = gate_from_dict(gate_to_dict(gate))
+    again = gate_from_dict(json.loads(json.dumps(gate_to_dict(gate))))
     assert isinstance(again, LearnedGate) and again.threshold == 0.37
     assert torch.equal(again.probability(logits[0]), gate.probability(logits[0]))
 
@@ -79,18 +84,43 @@ def test_target_drop_and_budget(policy):
     templates = fit_mlp_gates(logits, labels, epochs=10) if policy == "mlp" else None
     family = policy_family(policy, templates, 2)
     final = float((logits[-1].argmax(1) == labels).double().mean())
-    gates, info = calibrate_policy(logits, labels, family, COSTS, target_drop=2.0)
+    gates, info = calibrate_policy(logits, labels, family, COSTS, target_drop=2.0, full_flops=FULL)
     out = cascade(logits, labels, gates, COSTS)
     assert info["objective"] == "target_drop" and out["accuracy"] >= final - 0.02
-    assert out["mean_cost"] < COSTS[-1] * 0.9  # the drop allowance is spent on saving computation
-    gates, _ = calibrate_policy(logits, labels, family, COSTS, budget=0.6)
-    assert cascade(logits, labels, gates, COSTS)["mean_cost"] <= 0.6 * COSTS[-1]
+    assert out["mean_cost"] < FULL * 0.9  # the drop allowance is spent on saving computation
+    # A tighter allowance can only cost more.
+    tight, _ = calibrate_policy(logits, labels, family, COSTS, target_drop=0.5, full_flops=FULL)
+    assert cascade(logits, labels, tight, COSTS)["mean_cost"] >= out["mean_cost"]
+    for budget in (0.45, 0.6):  # a fraction of the whole network (FULL), not of the last exit's cost
+        gates, _ = calibrate_policy(logits, labels, family, COSTS, budget=budget, full_flops=FULL)
+        assert cascade(logits, labels, gates, COSTS)["mean_cost"] <= budget * FULL
+
+
+def test_objective_errors_are_config_errors():
+    logits, labels = synthetic_exits(n=300)
+    family = policy_family("confidence", None, 2)
+    with pytest.raises(ConfigError, match="target drop"):
+        calibrate_policy(logits, labels, family, COSTS, target_drop=-1.0)
+    with pytest.raises(ConfigError, match="no thresholds fit"):
+        calibrate_policy(logits, labels, family, COSTS, budget=0.2, full_flops=FULL)  # below the first exit's cost
+    with pytest.raises(ConfigError, match="at most one"):
+        calibrate_policy(logits, labels, family, COSTS, target_drop=1.0, budget=0.5)
+
+
+def test_gate_split_halves_are_disjoint_and_complete():
+    fit, cal = gate_split(101, seed=3)
+    assert not set(fit.tolist()) & set(cal.tolist())
+    assert sorted(fit.tolist() + cal.tolist()) == list(range(101))
+    assert torch.equal(gate_split(101, seed=3)[0], fit)
 
 
 def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
     logits, labels = synthetic_exits(n=1000)
-    built = build_policies(logits, labels, COSTS, COSTS[-1], alpha=0.4, epochs=5, max_batches=None, seed=0)
+    built = build_policies(logits, labels, COSTS, FULL, alpha=0.4, epochs=5, max_batches=None, seed=0,
+                           budget=0.7)
     assert set(built["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
     assert all(len(g) == 2 for g in built["policies"].values())
     assert all(c["val_samples"] == 500 for c in built["calibration"].values())
     assert built["calibration"]["cost"]["target"] == 0.4
+    for name in ("confidence", "entropy", "margin", "mlp"):
+        assert built["calibration"][name]["val_flops_fraction"] <= 0.7

@@ -20,11 +20,10 @@ from torch import Tensor
 
 from common.cli import run
 from common.errors import ConfigError
-from common.gates import (THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats,
+from common.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats,
                           threshold_gate)
 
-GATE_KINDS = tuple(THRESHOLD_GATES)
-POLICIES = (*THRESHOLD_GATES, "mlp", "cost")
+POLICIES = POLICY_NAMES
 
 
 def gate_score(logits: Tensor, kind: str) -> np.ndarray:
@@ -90,20 +89,26 @@ def calibrate_gates(exit_logits: list[Tensor], labels: Tensor, target: float,
 
 def calibrate_policy(exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float], *,
                      target_accuracy: float | None = None, target_drop: float | None = None,
-                     budget: float | None = None) -> tuple[list[Gate], dict]:
+                     budget: float | None = None, full_flops: float | None = None) -> tuple[list[Gate], dict]:
     """Thresholds for one policy under one objective, searched on (validation) logits.
 
     * ``target_accuracy``: every early exit keeps at least this accuracy on the samples it accepts;
-    * ``target_drop`` (points): the cheapest thresholds whose overall accuracy is within that many points of the
-      final exit's;
-    * ``budget`` (fraction of the whole network's FLOPs): the most accurate thresholds whose mean cost fits;
+    * ``target_drop`` (points): the cheapest thresholds found whose overall accuracy is within that many points of
+      the final exit's;
+    * ``budget`` (fraction of ``full_flops``, the whole network's FLOPs without exit heads): the most accurate
+      thresholds found whose mean cost fits;
     * none: every early exit keeps the final exit's accuracy.
-    The drop and budget searches scan per-exit accuracy targets and keep the best feasible cascade.
+    The drop and budget objectives are a grid search: 201 accuracy targets shared by the early exits, each turned
+    into cascade thresholds as above, plus "never exit early"; the best feasible cascade is kept.
     """
     if sum(x is not None for x in (target_accuracy, target_drop, budget)) > 1:
         raise ConfigError("give at most one of --target-accuracy, --target-drop and --budget-flops")
     final_acc = float((exit_logits[-1].argmax(1) == labels).double().mean())
-    full = costs[-1]
+    full = costs[-1] if full_flops is None else full_flops
+    if target_drop is not None and target_drop < 0:
+        raise ConfigError(f"target drop must be >= 0 points, got {target_drop}")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"FLOPs budget must be a positive fraction, got {budget}")
     if target_drop is None and budget is None:
         target = final_acc if target_accuracy is None else target_accuracy
         gates = calibrate_gates(exit_logits, labels, target, family)

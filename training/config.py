@@ -66,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"policy must be confidence, entropy, margin, mlp or cost, got {self.policy!r}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.target_drop is not None and self.target_drop < 0:
+            raise ValueError(f"target_drop must be >= 0 points, got {self.target_drop}")
+        if self.budget_flops is not None and self.budget_flops <= 0:
+            raise ValueError(f"budget_flops must be a positive fraction, got {self.budget_flops}")
         if sum(x is not None for x in (self.target_accuracy, self.target_drop, self.budget_flops)) > 1:
             raise ValueError("give at most one of target_accuracy, target_drop and budget_flops")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:

@@ -20,7 +20,7 @@ import torch
 from common.bundle import find_tier_folders, load_tier_bundle
 from common.cli import positive_int, run
 from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict
-from common.local import all_exit_logits, exit_costs
+from common.local import all_exit_logits, bundle_costs
 from training.calibrate import Thresholdable, cascade, policy_family
 from training.data import load
 
@@ -52,8 +52,7 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     start = time.perf_counter()
     logits = all_exit_logits(bundles, images)
     forward_s = time.perf_counter() - start
-    costs = exit_costs(bundles)
-    full = float(bundles[0].manifest["flops"]["full_network"])
+    costs, full = bundle_costs(bundles)
     calibrated = [b.gate for b in bundles[:-1]]
     early = len(bundles) - 1
     stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in bundles[:-1]))

@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.gates import GateMLP, LearnedGate, gate_features
+from common.gates import GateMLP, LearnedGate, gate_features, gate_to_dict
+from training.calibrate import POLICIES, calibrate_policy, cascade, policy_family
 
 
-def _standardised_mlp(features: Tensor, hidden: int) -> GateMLP:
-    mlp = GateMLP(hidden)
+def _standardised_mlp(features: Tensor, hidden: int, seed: int) -> GateMLP:
+    with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(seed)
+        mlp = GateMLP(hidden)
     mlp.mean.copy_(features.mean(0))
     mlp.std.copy_(features.std(0).nan_to_num(1.0).clamp_min(1e-4))
     return mlp
@@ -40,12 +43,11 @@ def fit_mlp_gates(exit_logits: list[Tensor], labels: Tensor, *, epochs: int = 40
                   batch_size: int = 256, lr: float = 1e-2, hidden: int = 16, seed: int = 0) -> list[LearnedGate]:
     """One ``mlp`` gate per early exit; its probability estimates P(this exit's prediction is correct)."""
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     gates = []
-    for logits, depth in zip(exit_logits[:-1], _depths(len(exit_logits))):
+    for k, (logits, depth) in enumerate(zip(exit_logits[:-1], _depths(len(exit_logits)))):
         features = gate_features(logits, depth)
         target = (logits.argmax(1) == labels).float()
-        mlp = _standardised_mlp(features, hidden)
+        mlp = _standardised_mlp(features, hidden, seed + k)
         opt = torch.optim.Adam(mlp.net.parameters(), lr=lr)
         for _ in range(epochs):
             for idx in _minibatches(len(labels), batch_size, gen, max_batches):
@@ -78,17 +80,17 @@ def cascade_objective(gate_logits: list[Tensor], exit_losses: Tensor, costs: Ten
 
 def fit_cost_gates(exit_logits: list[Tensor], labels: Tensor, costs: list[float], alpha: float, *, epochs: int = 40,
                    max_batches: int | None = None, batch_size: int = 256, lr: float = 1e-2, hidden: int = 16,
-                   seed: int = 0) -> list[LearnedGate]:
-    """The ``cost`` gates of every early exit, trained jointly; ``costs`` are cumulative FLOPs of each exit."""
+                   seed: int = 0, full_flops: float | None = None) -> list[LearnedGate]:
+    """The ``cost`` gates of every early exit, trained jointly; ``costs`` are cumulative FLOPs of each exit and
+    ``full_flops`` the whole network's (costs are normalised by it; default: the last exit's cost)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     depths = _depths(len(exit_logits))
     features = [gate_features(lg, d) for lg, d in zip(exit_logits[:-1], depths)]
     exit_losses = torch.stack([F.cross_entropy(lg.float(), labels, reduction="none") for lg in exit_logits], dim=1)
-    norm_costs = torch.tensor(costs, dtype=torch.float32) / costs[-1]
-    mlps = [_standardised_mlp(f, hidden) for f in features]
+    norm_costs = torch.tensor(costs, dtype=torch.float32) / (full_flops or costs[-1])
+    mlps = [_standardised_mlp(f, hidden, seed + k) for k, f in enumerate(features)]
     opt = torch.optim.Adam([p for m in mlps for p in m.net.parameters()], lr=lr)
     for _ in range(epochs):
         for idx in _minibatches(len(labels), batch_size, gen, max_batches):
@@ -115,25 +117,23 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
     Returns ``{"policies": {name: [gate dict per early exit]}, "calibration": {name: outcome on the calibration
     half}}``; the ``cost`` policy keeps its trained decision rule (probability >= 0.5) - its trade-off is ``alpha``.
     """
-    from common.gates import gate_to_dict
-    from training.calibrate import POLICIES, calibrate_policy, cascade, policy_family
-
     fit, cal = gate_split(len(labels), seed)
     fit_logits, cal_logits = [lg[fit] for lg in exit_logits], [lg[cal] for lg in exit_logits]
     if learned is None:
         learned = {
             "mlp": fit_mlp_gates(fit_logits, labels[fit], epochs=epochs, max_batches=max_batches, seed=seed),
             "cost": fit_cost_gates(fit_logits, labels[fit], costs, alpha, epochs=epochs, max_batches=max_batches,
-                                   seed=seed),
+                                   seed=seed, full_flops=full_flops),
         }
     policies, calibration = {}, {}
     for name in POLICIES:
         if name == "cost":
+            # Its trade-off is alpha, fixed at fitting; accuracy targets and budgets do not apply to it.
             gates, info = list(learned["cost"]), {"objective": "alpha", "target": learned["cost"][0].alpha}
         else:
             family = policy_family(name, learned.get(name), len(exit_logits) - 1)
             gates, info = calibrate_policy(cal_logits, labels[cal], family, costs, target_accuracy=target_accuracy,
-                                           target_drop=target_drop, budget=budget)
+                                           target_drop=target_drop, budget=budget, full_flops=full_flops)
         outcome = cascade(cal_logits, labels[cal], gates, costs)
         policies[name] = [gate_to_dict(g) for g in gates]
         calibration[name] = {**info, "val_accuracy": outcome["accuracy"], "val_exit_counts": outcome["exit_counts"],

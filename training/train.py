@@ -23,7 +23,7 @@ from common.cli import run
 from common.config import add_config_args, resolve_config, save_config
 from common.models import ExitHeadSpec, ModelSpec, MultiExitNet
 from training import checkpoint
-from common.split import exit_costs, segment_flops
+from common.split import cost_table
 from training.config import TrainConfig
 from training.data import ImageSet, load, parse_spec
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
@@ -120,8 +120,7 @@ def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
                       learned: dict | None = None) -> dict:
     """Third stage: fit the learned policies and calibrate every policy on the validation split; the checkpoint
     metadata keys ``policies``, ``policy`` (active), ``gates`` (the active policy's) and ``calibration``."""
-    costs = exit_costs(model)
-    full = float(segment_flops_full(model))
+    costs, full = cost_table(model)
     built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
@@ -132,12 +131,6 @@ def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
               + ("   <- active" if name == cfg.policy else ""))
     return {"policies": built["policies"], "policy": cfg.policy, "gates": built["policies"][cfg.policy],
             "calibration": built["calibration"]}
-
-
-def segment_flops_full(model: MultiExitNet) -> int:
-    """FLOPs per sample of the whole backbone (stages and final classifier, no early exit heads)."""
-    flops = segment_flops(model)
-    return sum(stages for stages, _ in flops) + flops[-1][1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
