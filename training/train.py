@@ -1,11 +1,12 @@
-"""Train a multi-exit network, then calibrate its exit gates on held-out validation data.
+"""Train a multi-exit network, then fit and calibrate its exit policies on held-out validation data.
 
 ``python -m training.train --data SPEC --out DIR [--config FILE.toml] [--flag value ...]``
 
 Modes:
 * ``joint``  - every exit trained together on the weighted sum of their losses (``--loss-weights``);
 * ``staged`` - the backbone alone (final exit), then the exit heads on the frozen backbone.
-Either way the last stage calibrates one threshold per early exit on the validation split. Writes
+Either way the last stage fits the learned exit policies (``training.policies``) and calibrates every policy on the
+validation split. Writes
 ``DIR/checkpoint.safetensors`` (weights + JSON metadata; also after every epoch, uncalibrated, so an interrupted run
 can be calibrated with ``training.calibrate`` and exported), ``DIR/config.json`` and ``DIR/history.json``.
 """
@@ -22,8 +23,8 @@ from torch import nn
 from common.cli import run
 from common.config import add_config_args, resolve_config, save_config
 from common.models import ExitHeadSpec, ModelSpec, MultiExitNet
-from training import checkpoint
 from common.split import cost_table
+from training import checkpoint
 from training.config import TrainConfig
 from training.data import ImageSet, load, parse_spec
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
