@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from common.gates import gate_from_dict
@@ -77,8 +78,6 @@ def test_crop_flip_augmentation_is_a_padded_crop_possibly_flipped():
 
 
 def test_uncalibrated_checkpoint_is_refused_until_calibrated(tiny_run, tmp_path):
-    import pytest
-
     from common.errors import ConfigError
     from training import calibrate
     from training.export import export
@@ -95,3 +94,32 @@ def test_uncalibrated_checkpoint_is_refused_until_calibrated(tiny_run, tmp_path)
     # The learned gates were kept: only thresholds are re-calibrated.
     assert [g["weights"] for g in meta2["policies"]["mlp"]] == [g["weights"] for g in meta["policies"]["mlp"]]
     assert len(export(path, tmp_path / "bundle")) == 3
+
+
+def test_self_distillation_loss():
+    import torch.nn.functional as F
+
+    from training.engine import weighted_exit_loss
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (8,))
+    final = torch.randn(8, 4, requires_grad=True)
+    early = torch.randn(8, 4, requires_grad=True)
+    plain = weighted_exit_loss([early, final], labels, [0.5, 1.0])
+    assert plain.item() == pytest.approx(0.5 * F.cross_entropy(early, labels).item()
+                                         + F.cross_entropy(final, labels).item(), rel=1e-6)
+    # An early exit that already matches the final exit's outputs has zero distillation term.
+    copy = final.detach().clone().requires_grad_(True)
+    distilled = weighted_exit_loss([copy, final], labels, [0.5, 1.0], distill=3.0)
+    expected = 0.5 * 0.5 * F.cross_entropy(copy, labels) + F.cross_entropy(final, labels)
+    assert distilled.item() == pytest.approx(expected.item(), abs=1e-5)
+    # The teacher is fixed: the distillation term sends no gradient into the final exit.
+    weighted_exit_loss([early, final], labels, [1.0, 0.0], distill=2.0).backward()
+    assert final.grad is None and early.grad is not None
+
+
+def test_distilled_training_runs(tmp_path):
+    cfg = TrainConfig(width=0.125, epochs=1, max_batches=3, limit_train=384, limit_val=128, batch_size=64,
+                      distill=4.0, epochs_gates=2)
+    meta = train(cfg, tmp_path / "d")
+    assert meta["config"]["distill"] == 4.0 and len(meta["gates"]) == 2

@@ -31,6 +31,8 @@ class TrainConfig:
     epochs_exits: int = field(default=2, metadata={"help": "staged mode: epochs of exit training, backbone frozen"})
     loss_weights: list[float] = field(default_factory=lambda: [0.5, 0.5, 1.0],
                                       metadata={"help": "weight of each exit's loss, earliest first"})
+    distill: float = field(default=0.0, metadata={
+        "help": "temperature T > 0: early exits also learn the final exit's softened outputs (self-distillation)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     lr: float = field(default=0.1, metadata={"help": "peak learning rate (SGD, one-cycle schedule)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
@@ -58,6 +60,8 @@ class TrainConfig:
         if len(self.loss_weights) != len(self.exit_points) + 1:
             raise ValueError(f"loss_weights needs {len(self.exit_points) + 1} values (one per exit), "
                              f"got {self.loss_weights}")
+        if self.distill < 0:
+            raise ValueError(f"distill must be a temperature >= 0 (0 = off), got {self.distill}")
         if self.width <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise ValueError("width, batch_size and lr must be positive")
         if not 0 < self.val_fraction < 1:

@@ -35,9 +35,22 @@ def augment_crop_flip(images: Tensor, generator: torch.Generator, pad: int = 4) 
     return out
 
 
-def weighted_exit_loss(outputs: list[Tensor], labels: Tensor, weights: list[float]) -> Tensor:
-    """Distiller-style joint loss: the weighted sum of every exit's cross-entropy."""
-    return sum(w * F.cross_entropy(o, labels) for w, o in zip(weights, outputs) if w)
+def weighted_exit_loss(outputs: list[Tensor], labels: Tensor, weights: list[float], distill: float = 0.0,
+                       distill_weight: float = 0.5) -> Tensor:
+    """Distiller-style joint loss: the weighted sum of every exit's cross-entropy.
+
+    With ``distill`` = T > 0, each early exit's term becomes ``(1 - distill_weight) * CE + distill_weight * T^2 *
+    KL(final exit's softened outputs || this exit's)``: the exits are self-distilled from the final classifier, whose
+    soft outputs are a fixed target (no gradient flows back through them).
+    """
+    total = sum(w * F.cross_entropy(o, labels) for w, o in zip(weights, outputs) if w)
+    if distill > 0:
+        teacher = F.softmax(outputs[-1].detach() / distill, dim=1)
+        for w, o in zip(weights[:-1], outputs[:-1]):
+            if w:
+                kl = F.kl_div(F.log_softmax(o / distill, dim=1), teacher, reduction="batchmean") * distill ** 2
+                total = total + w * distill_weight * (kl - F.cross_entropy(o, labels))
+    return total
 
 
 def train_one_epoch(

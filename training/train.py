@@ -59,7 +59,7 @@ def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], 
             model.backbone.eval()
             model.normalize.eval()
         stats = train_one_epoch(
-            model, train, lambda outs, y: weighted_exit_loss(outs, y, weights), opt, sched,
+            model, train, lambda outs, y: weighted_exit_loss(outs, y, weights, cfg.distill), opt, sched,
             batch_size=cfg.batch_size, generator=gen, augment=augment, max_batches=cfg.max_batches,
             desc=f"{stage} {epoch + 1}/{epochs}",
         )
