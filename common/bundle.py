@@ -92,6 +92,7 @@ def export_bundles(
             raise ConfigError(f"{name}: need one gate for each of the {len(plans) - 1} early exits, got {len(gs)}")
     model = model.eval()
     x = torch.zeros((1, *spec.input_shape), dtype=torch.uint8)
+    # Counted on the whole network, independently of the split: the per-tier figures must add up to it (tested).
     full_flops = count_flops(_Backbone(model), x)
     parts = []  # (plan, segment, example input, stage FLOPs, head FLOPs, output shape)
     for plan, (stage_flops, head_flops) in zip(plans, segment_flops(model, tiers)):
