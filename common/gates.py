@@ -38,46 +38,43 @@ class Gate(Protocol):
     def params(self) -> dict[str, float]: ...
 
 
+POLICY_NAMES = ("confidence", "entropy", "margin", "mlp", "cost")
+# Thresholded gates as (statistic, direction): a sample exits when ``direction * (stat - threshold) >= 0``.
+THRESHOLD_GATES = {"confidence": ("confidence", 1), "entropy": ("entropy", -1), "margin": ("margin", 1)}
+
+
 @dataclass(frozen=True)
-class ConfidenceGate:
+class _ThresholdGate:
+    """Compare one softmax statistic with ``threshold``; subclasses name the statistic via ``kind``."""
+
+    threshold: float
+    kind = ""
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        stat, direction = THRESHOLD_GATES[self.kind]
+        value = softmax_stats(logits)[stat]
+        return value >= self.threshold if direction > 0 else value <= self.threshold
+
+    def params(self) -> dict[str, float]:
+        return {"threshold": self.threshold}
+
+
+class ConfidenceGate(_ThresholdGate):
     """Exit when the maximum softmax probability is at least ``threshold`` (BranchyNet-style confidence)."""
 
-    threshold: float
     kind = "confidence"
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        return softmax_stats(logits)["confidence"] >= self.threshold
 
-    def params(self) -> dict[str, float]:
-        return {"threshold": self.threshold}
-
-
-@dataclass(frozen=True)
-class EntropyGate:
+class EntropyGate(_ThresholdGate):
     """Exit when the softmax entropy, normalised to [0, 1] by log(K), is at most ``threshold``."""
 
-    threshold: float
     kind = "entropy"
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        return softmax_stats(logits)["entropy"] <= self.threshold
 
-    def params(self) -> dict[str, float]:
-        return {"threshold": self.threshold}
-
-
-@dataclass(frozen=True)
-class MarginGate:
+class MarginGate(_ThresholdGate):
     """Exit when the top-1 softmax probability beats the runner-up by at least ``threshold``."""
 
-    threshold: float
     kind = "margin"
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        return softmax_stats(logits)["margin"] >= self.threshold
-
-    def params(self) -> dict[str, float]:
-        return {"threshold": self.threshold}
 
 
 GATE_FEATURES = ("confidence", "entropy", "margin", "depth", "logit_norm")
@@ -200,9 +197,6 @@ _FACTORIES: dict[str, Callable[[dict], Gate]] = {
 }
 _PARAMS = {"confidence": {"threshold"}, "entropy": {"threshold"}, "margin": {"threshold"}, "always": set(),
            "never": set(), "mlp": {"threshold", "depth", "weights"}, "cost": {"threshold", "depth", "weights", "alpha"}}
-# Thresholded gates as (statistic, direction): a sample exits when ``direction * (stat - threshold) >= 0``.
-POLICY_NAMES = ("confidence", "entropy", "margin", "mlp", "cost")
-THRESHOLD_GATES = {"confidence": ("confidence", 1), "entropy": ("entropy", -1), "margin": ("margin", 1)}
 
 
 def threshold_gate(kind: str, threshold: float) -> Gate:

@@ -71,19 +71,15 @@ def split_model(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> lis
 
 def segment_flops(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> list[tuple[int, int]]:
     """Per-sample ``(stage FLOPs, exit head FLOPs)`` of each segment, first to last."""
-    from common.flops import count_flops  # local: counting pulls in torch's dispatch machinery
+    from common.flops import count_flops, eval_mode  # local: counting pulls in torch's dispatch machinery
 
     x = torch.zeros((1, *model.spec.input_shape), dtype=torch.uint8)
     out = []
     for segment in split_model(model, tiers):
         stages = count_flops(_StagesOnly(segment), x)
         out.append((stages, count_flops(segment, x) - stages))
-        with torch.no_grad():
-            was = [(m, m.training) for m in segment.modules()]
-            segment.eval()
+        with torch.no_grad(), eval_mode(segment):
             x, _ = segment(x)
-            for m, training in was:
-                m.training = training
     return out
 
 
