@@ -46,6 +46,10 @@ class TierBundle:
             raise ConfigError(f"the {self.tier} bundle has no policy {name!r}; it has: {', '.join(stored) or 'none'}")
         return gate_from_dict(stored[name])
 
+    def calibration(self, policy: str | None = None) -> dict:
+        """How the thresholds of ``policy`` (default: the active one) were calibrated; empty when unknown."""
+        return dict((self.manifest.get("calibration") or {}).get(policy or self.manifest.get("policy"), {}))
+
     @property
     def tier(self) -> str:
         return self.manifest["tier"]
@@ -78,11 +82,13 @@ def _plan_dict(plan: SegmentPlan, spec: ModelSpec) -> dict:
 def export_bundles(
     model: MultiExitNet, gates: list[Gate], out: Path, class_names: list[str], tiers: tuple[str, ...] = TIER_NAMES,
     policies: dict[str, list[Gate]] | None = None, active: str | None = None,
+    calibration: dict[str, dict] | None = None,
 ) -> list[Path]:
     """Write one bundle folder per tier under ``out``; ``gates[i]`` guards tier i's exit (the last is ignored).
 
     ``policies`` (name -> one gate per early exit) are stored too, so a tier can switch policy at start-up
-    (``--policy NAME``) without retraining; ``active`` names the policy ``gates`` came from.
+    (``--policy NAME``) without retraining; ``active`` names the policy ``gates`` came from. ``calibration``
+    (policy name -> how its thresholds were chosen: method, objective, target, delta, ...) goes with the early tiers.
     """
     spec = model.spec
     plans = plan_segments(spec, model.backbone.stage_names, tiers)
@@ -123,6 +129,7 @@ def export_bundles(
             "gate": gate_to_dict(gate),
             "policy": active if not plan.is_last else "final",
             "policies": {} if plan.is_last else {n: gate_to_dict(gs[plan.index]) for n, gs in policies.items()},
+            "calibration": {} if plan.is_last else dict(calibration or {}),
             "input": {
                 "shape": list(x_in.shape[1:]),
                 "dtype": str(x_in.dtype).removeprefix("torch."),
@@ -191,6 +198,9 @@ def _check_manifest(m: dict, path: Path) -> None:
     policies = m.get("policies", {})
     if not isinstance(policies, dict) or not all(isinstance(g, dict) for g in policies.values()):
         raise ConfigError(f"{path}: policies must map policy names to gate objects")
+    calibration = m.get("calibration", {})
+    if not isinstance(calibration, dict) or not all(isinstance(c, dict) for c in calibration.values()):
+        raise ConfigError(f"{path}: calibration must map policy names to objects")
     if "exit_index" not in m["segment"]:
         raise ConfigError(f"{path}: segment.exit_index is missing")
 

@@ -98,6 +98,20 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def describe_calibration(cal: dict) -> str:
+    """One line on the policy a run served and how its thresholds were chosen (method, objective, target, delta)."""
+    text = cal.get("policy") or "unknown"
+    method = cal.get("method")
+    if method == "ltt":
+        text += (f", thresholds certified by Learn-then-Test: {cal.get('objective')} {cal.get('target')} with "
+                 f"probability >= {1 - cal['delta']:.2f} ({cal.get('bound')} bound, {cal.get('samples')} samples)")
+    elif method == "naive":
+        text += f", thresholds searched on validation data: {cal.get('objective')} {cal.get('target')} (no guarantee)"
+    elif method == "alpha":
+        text += f", trained trade-off alpha={cal.get('target')}"
+    return text
+
+
 def format_summary(report: dict) -> str:
     """A few readable lines for the terminal (``n/a`` where a figure does not exist, e.g. an empty run)."""
     n = report["samples"]
@@ -113,6 +127,9 @@ def format_summary(report: dict) -> str:
     f = report["flops"]
     lines.append(f"  FLOPs/sample: {f['mean_per_sample'] / 1e6:.2f} M of {f['full_network_per_sample'] / 1e6:.2f} M "
                  f"(saved {_fmt(f['saved_fraction'], '.1%')})")
+    cal = report.get("calibration")
+    if cal:
+        lines.append("  exit policy: " + describe_calibration(cal))
     lat = report["latency_ms"]
     lines.append(f"  latency per request ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}   "
                  f"throughput {_fmt(report['throughput_samples_per_s'], '.1f')} samples/s")

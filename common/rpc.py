@@ -80,8 +80,9 @@ class TierServicer(pb_grpc.TierServicer):
         return self.description
 
 
-def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float], next_tier: str) -> pb.TierDescription:
-    """The ``Describe`` answer for a tier, from its bundle manifest and the gate it actually runs."""
+def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float], next_tier: str,
+                  policy: str = "", calibration: dict | None = None) -> pb.TierDescription:
+    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs."""
     seg = manifest["segment"]
     return pb.TierDescription(
         tier=manifest["tier"], model_id=manifest["model_id"], architecture=manifest["model"]["architecture"],
@@ -90,7 +91,7 @@ def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float],
         input_dtype=manifest["input"]["dtype"], next_tier=next_tier,
         segment_flops=manifest["flops"]["segment"], head_flops=manifest["flops"]["head"],
         full_network_flops=manifest["flops"]["full_network"], class_names=manifest["class_names"],
-        tiers=manifest["tiers"],
+        tiers=manifest["tiers"], policy=policy, calibration=json.dumps(calibration or {}, sort_keys=True),
     )
 
 

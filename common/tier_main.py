@@ -79,6 +79,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     if not spec.is_last and not args.next:
         raise ConfigError(f"the {tier} tier forwards declined samples and needs --next HOST:PORT")
     gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
+    policy = "command-line" if args.gate else args.policy or bundle.manifest.get("policy") or ""
 
     m = bundle.manifest
     itemsize_in = torch.empty((), dtype=spec.input_dtype).element_size()
@@ -88,7 +89,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
     runtime = TierRuntime(spec, bundle.segment, gate, forward)
     kind, g = runtime.gate.kind, scalar_params(runtime.gate)
-    description = describe_tier(m, kind, g, args.next or "")
+    description = describe_tier(m, kind, g, args.next or "", policy,
+                                {} if args.gate or spec.is_last else bundle.calibration(policy))
     server, port, health = create_server(TierServicer(runtime, description), args.listen, args.workers, limit)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # installed before serving: an early SIGTERM still drains

@@ -9,6 +9,7 @@ says how many predictions differ between the two.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from common.cli import add_run_args, address, emit_report, run, tier_gates
@@ -30,6 +31,7 @@ def run_client(target: str, images, labels, batch_size: int, bundle: Path | None
     finally:
         client.close()
     report["model_id"] = info.model_id
+    report["calibration"] = {"policy": info.policy, **json.loads(info.calibration or "{}")}
     if bundle is not None:
         ref_report, ref_records = evaluate_in_process(bundle, images, labels, batch_size, gates, policy)
         compare(report, records, ref_records, ref_report)

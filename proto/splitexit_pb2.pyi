@@ -79,7 +79,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierDescription(_message.Message):
-    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers")
+    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers", "policy", "calibration")
     class GateParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,8 @@ class TierDescription(_message.Message):
     FULL_NETWORK_FLOPS_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     tier: str
     model_id: str
     architecture: str
@@ -119,4 +121,6 @@ class TierDescription(_message.Message):
     full_network_flops: float
     class_names: _containers.RepeatedScalarFieldContainer[str]
     tiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    policy: str
+    calibration: str
+    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., calibration: _Optional[str] = ...) -> None: ...

@@ -9,6 +9,7 @@ import torch
 
 from common import codec
 from common.gates import ConfidenceGate, ConstantGate, Gate
+from common.report import format_summary
 from common.rpc import wait_for_serving
 from device.client import run_client
 from proto import splitexit_pb2 as pb
@@ -176,3 +177,9 @@ def test_learned_policies_served_by_the_tiers_match_in_process(tiny_bundle, test
     assert report["prediction_mismatches"] == 0
     assert report["accuracy"] == report["in_process_accuracy"]
     assert sum(1 for n in report["exits"].values() if n) >= 2, report["exits"]  # the learned gates did decide
+    # The report says which policy served and how its thresholds were certified (the bundle's record).
+    cal = report["calibration"]
+    assert (cal["policy"], cal["method"], cal["objective"], cal["target"], cal["delta"]) == (
+        policy, "ltt", "target_drop", 5.0, 0.1)
+    assert cal["certified"] >= 1 and 0 <= cal["p_value"] <= 0.1
+    assert "Learn-then-Test" in format_summary(report)

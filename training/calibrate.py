@@ -1,11 +1,16 @@
-"""Exit thresholds calibrated on a validation split (never the test split).
+"""Exit thresholds calibrated on a validation split (never the test split), naively or with a guarantee.
 
-The search is a pure function over cached exit logits. Exits are calibrated in cascade order: exit k sees only the
-validation samples that earlier exits declined, and its threshold is the lowest one whose accepted samples still
-reach the target accuracy - the highest coverage that meets the target.
+Everything is a pure function over cached exit outputs. Candidate thresholds come from a cascade search: exit k sees
+only the samples that earlier exits declined, and its threshold is the lowest one whose accepted samples still reach
+an accuracy target - the highest coverage that meets it; 201 targets give the candidates.
+
+* ``naive`` keeps the candidate that is best on the calibration data itself. Its promise often breaks on new data.
+* ``ltt`` (Learn-then-Test) orders the candidates on one half of the validation split and tests them in that order
+  on the other half (``training.risk``): the thresholds it returns meet the target on new data from the same
+  distribution with probability >= 1 - delta over the draw of the calibration data.
 
 ``python -m training.calibrate --checkpoint FILE [--policy NAME] [--target-accuracy A | --target-drop D |
---budget-flops B]`` re-calibrates a trained checkpoint in place (validation split only).
+--budget-flops B] [--method ltt|naive] [--delta 0.1]`` re-calibrates a trained checkpoint in place.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from common.cli import run
 from common.errors import ConfigError
 from common.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats,
                           threshold_gate)
+from training.risk import BOUNDS, fixed_sequence, pvalue
 
 POLICIES = POLICY_NAMES
 
@@ -54,6 +60,7 @@ class Thresholdable:
 
     score: Callable[[Tensor], np.ndarray]
     make: Callable[[float], Gate]
+    never: Callable[[], Gate] = lambda: ConstantGate(False)  # the gate of a threshold no sample reaches
 
 
 def policy_family(policy: str, templates: list[Gate] | None = None, num_early: int = 2) -> list[Thresholdable]:
@@ -63,8 +70,10 @@ def policy_family(policy: str, templates: list[Gate] | None = None, num_early: i
         fam = Thresholdable(lambda lg: gate_score(lg, policy), lambda t: threshold_gate(policy, t * direction))
         return [fam] * num_early
     if policy in ("mlp", "cost") and templates and all(isinstance(g, LearnedGate) for g in templates):
-        return [Thresholdable(lambda lg, g=g: g.probability(lg).double().numpy(), g.with_threshold)
-                for g in templates]
+        # A learned gate that may exit nothing keeps its weights (re-calibration and alpha need them) with a
+        # threshold no probability reaches.
+        return [Thresholdable(lambda lg, g=g: g.probability(lg).double().numpy(), g.with_threshold,
+                              lambda g=g: g.with_threshold(2.0)) for g in templates]
     raise ConfigError(f"cannot calibrate policy {policy!r}" + ("" if policy in ("mlp", "cost") else
                       f"; use one of {', '.join(POLICIES)}"))
 
@@ -73,61 +82,250 @@ def calibrate_gates(exit_logits: list[Tensor], labels: Tensor, target: float,
                     kind: str | list[Thresholdable] = "confidence") -> list[Gate]:
     """One gate per early exit (all but the last), calibrated in cascade order to ``target`` accuracy."""
     family = policy_family(kind, num_early=len(exit_logits) - 1) if isinstance(kind, str) else kind
-    remaining = torch.ones(len(labels), dtype=torch.bool)
-    gates: list[Gate] = []
-    for logits, fam in zip(exit_logits[:-1], family):
-        idx = torch.nonzero(remaining).flatten()
-        correct = (logits[idx].argmax(1) == labels[idx]).numpy()
-        t = coverage_threshold(fam.score(logits[idx]), correct, target)
-        gate: Gate = ConstantGate(False) if t is None else fam.make(t)
-        gates.append(gate)
-        accepted = torch.zeros(len(labels), dtype=torch.bool)
-        accepted[idx] = gate(logits[idx])
-        remaining &= ~accepted
-    return gates
+    scores = ExitScores.build(exit_logits, labels, family, [0.0] * len(exit_logits))
+    return to_gates(family, cascade_thresholds(scores, target))
+
+
+@dataclass(frozen=True)
+class ExitScores:
+    """What calibration needs from cached exit outputs, as arrays: each early exit's gate score (higher = more
+    willing to exit), every exit's predicted label, the labels, and the cumulative cost of leaving at each exit.
+
+    A thresholded gate made by ``Thresholdable.make(t)`` accepts exactly the samples whose score is ``>= t``, so
+    the cascade of any threshold vector can be simulated without touching the logits again.
+    """
+
+    scores: np.ndarray  # (early exits, N), float64
+    preds: np.ndarray   # (exits, N)
+    labels: np.ndarray  # (N,)
+    costs: np.ndarray   # (exits,)
+    full: float         # the whole network's cost (costs are reported as a fraction of it)
+
+    @classmethod
+    def build(cls, exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float],
+              full: float | None = None) -> "ExitScores":
+        scores = np.stack([fam.score(lg) for fam, lg in zip(family, exit_logits[:-1])]).reshape(len(family), -1)
+        preds = torch.stack([lg.argmax(1) for lg in exit_logits]).numpy()
+        return cls(scores, preds, labels.numpy(), np.asarray(costs, dtype=np.float64),
+                   float(costs[-1] if full is None else full))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "ExitScores":
+        return ExitScores(self.scores[:, idx], self.preds[:, idx], self.labels[idx], self.costs, self.full)
+
+    def exit_of(self, thresholds: list[float | None]) -> np.ndarray:
+        """Exit index each sample leaves at; ``None`` is a gate that never accepts."""
+        out = np.full(len(self), len(self.preds) - 1)
+        remaining = np.ones(len(self), dtype=bool)
+        for k, t in enumerate(thresholds):
+            if t is None:
+                continue
+            take = remaining & (self.scores[k] >= t)
+            out[take] = k
+            remaining &= ~take
+        return out
+
+    def correct_at(self, exit_of: np.ndarray) -> np.ndarray:
+        return self.preds[exit_of, np.arange(len(self))] == self.labels
+
+    def outcome(self, thresholds: list[float | None]) -> dict:
+        """Accuracy, accuracy drop against the final exit (points), mean cost fraction and exit counts."""
+        exit_of = self.exit_of(thresholds)
+        acc = float(self.correct_at(exit_of).mean())
+        final = float((self.preds[-1] == self.labels).mean())
+        return {"accuracy": acc, "drop": 100 * (final - acc),
+                "flops_fraction": float(self.costs[exit_of].mean()) / self.full,
+                "exit_counts": np.bincount(exit_of, minlength=len(self.preds)).tolist()}
+
+
+def cascade_thresholds(es: ExitScores, target: float) -> list[float | None]:
+    """Exits in cascade order, each at the lowest threshold whose accepted samples (among those earlier exits
+    declined) reach ``target`` accuracy; ``None`` where no threshold does."""
+    remaining = np.ones(len(es), dtype=bool)
+    out: list[float | None] = []
+    for k in range(len(es.scores)):
+        idx = np.nonzero(remaining)[0]
+        t = coverage_threshold(es.scores[k, idx], es.preds[k, idx] == es.labels[idx], target)
+        out.append(t)
+        if t is not None:
+            remaining &= ~(es.scores[k] >= t)
+    return out
+
+
+def to_gates(family: list[Thresholdable], thresholds: list[float | None]) -> list[Gate]:
+    return [fam.never() if t is None else fam.make(t) for fam, t in zip(family, thresholds)]
+
+
+METHODS = ("naive", "ltt")
+TARGET_GRID = np.linspace(0.0, 1.0, 201)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What calibration promises. ``kind``: ``drop`` (accuracy within ``value`` points of the final exit),
+    ``accuracy`` (accuracy >= ``value``), ``budget`` (mean FLOPs <= ``value`` of the whole network) or
+    ``per_exit`` (naive only: every early exit keeps the final exit's accuracy on what it accepts)."""
+
+    kind: str
+    value: float | None = None
+
+    @classmethod
+    def from_targets(cls, target_accuracy: float | None = None, target_drop: float | None = None,
+                     budget: float | None = None, method: str = "naive") -> "Objective":
+        if sum(x is not None for x in (target_accuracy, target_drop, budget)) > 1:
+            raise ConfigError("give at most one of --target-accuracy, --target-drop and --budget-flops")
+        if target_drop is not None and target_drop < 0:
+            raise ConfigError(f"target drop must be >= 0 points, got {target_drop}")
+        if budget is not None and budget <= 0:
+            raise ConfigError(f"FLOPs budget must be a positive fraction, got {budget}")
+        if target_accuracy is not None and not 0 < target_accuracy < 1:
+            raise ConfigError(f"target accuracy must lie in (0, 1), got {target_accuracy}")
+        if target_drop is not None:
+            return cls("drop", target_drop)
+        if target_accuracy is not None:
+            return cls("accuracy", target_accuracy)
+        if budget is not None:
+            return cls("budget", budget)
+        return cls("drop", 1.0) if method == "ltt" else cls("per_exit")
+
+    def met(self, outcome: dict, final_accuracy: float) -> bool:
+        if self.kind == "drop":
+            return outcome["accuracy"] >= final_accuracy - self.value / 100 - 1e-12  # 0.98 - 0.01 admits 0.97
+        if self.kind == "accuracy":
+            return outcome["accuracy"] >= self.value - 1e-12
+        return outcome["flops_fraction"] <= self.value + 1e-12
+
+    def losses(self, es: ExitScores, thresholds: list[float | None]) -> tuple[np.ndarray, float]:
+        """Per-sample losses in [0, 1] and the bound their mean must stay under for the promise to hold."""
+        exit_of = es.exit_of(thresholds)
+        if self.kind == "drop":  # (final right - answer right + 1) / 2, mean <= (1 + D) / 2  <=>  drop <= D
+            diff = (es.preds[-1] == es.labels).astype(np.float64) - es.correct_at(exit_of)
+            return (diff + 1) / 2, (1 + self.value / 100) / 2
+        if self.kind == "accuracy":
+            return (~es.correct_at(exit_of)).astype(np.float64), 1 - self.value
+        top = float(es.costs.max())
+        return es.costs[exit_of] / top, self.value * es.full / top
+
+    def describe(self) -> dict:
+        return {"objective": {"drop": "target_drop", "accuracy": "target_accuracy", "budget": "budget_flops",
+                              "per_exit": "target_accuracy_per_exit"}[self.kind], "target": self.value}
+
+
+def candidate_thresholds(es: ExitScores) -> list[list[float | None]]:
+    """Threshold vectors worth considering: "never exit early" and the cascade calibrated to each accuracy target
+    of a 201-point grid, without duplicates."""
+    out = [[None] * len(es.scores)]
+    for t in TARGET_GRID:
+        th = cascade_thresholds(es, float(t))
+        if th not in out:
+            out.append(th)
+    return out
+
+
+def naive_thresholds(es: ExitScores, objective: Objective) -> tuple[list[float | None], dict]:
+    """The best thresholds on ``es`` itself: the cheapest that meet a drop or accuracy target, the most accurate
+    that fit a budget. No guarantee beyond the data searched."""
+    final_acc = float((es.preds[-1] == es.labels).mean())
+    info = {"method": "naive", **objective.describe(), "final_accuracy": final_acc, "samples": len(es)}
+    if objective.kind == "per_exit":
+        info["target"] = final_acc
+        return cascade_thresholds(es, final_acc), info
+    scored = [(es.outcome(th), th) for th in candidate_thresholds(es)]
+    feasible = [(o, th) for o, th in scored if objective.met(o, final_acc)]
+    if not feasible:
+        raise ConfigError(_infeasible(objective, final_acc))
+    if objective.kind == "budget":
+        best = max(feasible, key=lambda oth: (oth[0]["accuracy"], -oth[0]["flops_fraction"]))
+    else:
+        best = min(feasible, key=lambda oth: (oth[0]["flops_fraction"], -oth[0]["accuracy"]))
+    return best[1], info
+
+
+def _infeasible(objective: Objective, final_acc: float) -> str:
+    if objective.kind == "budget":
+        return f"no thresholds fit a budget of {objective.value:.1%} of the network's FLOPs on this data"
+    return (f"no thresholds reach an accuracy of {objective.value:.4f} on this data (the final exit alone scores "
+            f"{final_acc:.4f})")
+
+
+def ltt_thresholds(path: ExitScores, test: ExitScores, objective: Objective, delta: float = 0.1,
+                   bound: str = "wsr") -> tuple[list[float | None], dict]:
+    """Thresholds whose promise holds on new data with probability >= 1 - ``delta`` (Learn-then-Test).
+
+    ``path`` (data independent of ``test``) orders the candidate threshold vectors from the safest to the most
+    aggressive: by decreasing mean cost for drop and accuracy targets, by increasing cost for a budget. On
+    ``test`` each candidate's null hypothesis "the promise is broken" is tested at level ``delta`` in that order
+    (fixed-sequence testing); the last candidate rejected before the first failure is returned. Assumes the
+    test data and the data served later are exchangeable (drawn from the same distribution).
+    """
+    if objective.kind == "per_exit":
+        raise ConfigError("guaranteed calibration needs a target: --target-drop, --target-accuracy or --budget-flops")
+    cands = candidate_thresholds(path)
+    cost = {i: path.outcome(th)["flops_fraction"] for i, th in enumerate(cands)}
+    order = sorted(range(len(cands)), key=lambda i: (cost[i] if objective.kind == "budget" else -cost[i], i))
+    ordered = [cands[i] for i in order]
+    if objective.kind == "drop":  # never exiting early loses exactly nothing: safe without a test
+        ordered.remove([None] * len(path.scores))
+        ordered.insert(0, [None] * len(path.scores))
+    pvals: list[float] = []
+
+    def lazy():
+        for k, th in enumerate(ordered):
+            if k == 0 and objective.kind == "drop":
+                p = 0.0
+            else:
+                losses, limit = objective.losses(test, th)
+                p = pvalue(losses, limit, bound, delta) if limit < 1 else 0.0
+            pvals.append(p)
+            yield p
+
+    rejected = fixed_sequence(lazy(), delta)
+    final_acc = float((test.preds[-1] == test.labels).mean())
+    info = {"method": "ltt", **objective.describe(), "delta": delta, "bound": bound, "final_accuracy": final_acc,
+            "samples": len(test), "path_samples": len(path), "candidates": len(ordered),
+            "certified": rejected}
+    if rejected == 0:
+        raise ConfigError(f"nothing can be certified at delta={delta}: " + _infeasible(objective, final_acc)
+                          + f" with {len(test)} calibration samples")
+    info["p_value"] = pvals[rejected - 1]
+    return ordered[rejected - 1], info
+
+
+def calibrate_scores(es: ExitScores, objective: Objective, method: str = "naive", delta: float = 0.1,
+                     bound: str = "wsr", path: ExitScores | None = None) -> tuple[list[float | None], dict]:
+    """Thresholds by ``method``: ``naive`` searches ``es``; ``ltt`` orders candidates on ``path`` and certifies
+    them on ``es``."""
+    if method == "naive":
+        return naive_thresholds(es, objective)
+    if method != "ltt":
+        raise ConfigError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must lie in (0, 1), got {delta}")
+    if path is None:
+        raise ConfigError("guaranteed calibration needs separate data to order its candidates")
+    return ltt_thresholds(path, es, objective, delta, bound)
 
 
 def calibrate_policy(exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float], *,
                      target_accuracy: float | None = None, target_drop: float | None = None,
                      budget: float | None = None, full_flops: float | None = None) -> tuple[list[Gate], dict]:
-    """Thresholds for one policy under one objective, searched on (validation) logits.
+    """Naive thresholds for one policy under one objective, searched on (validation) logits.
 
-    * ``target_accuracy``: every early exit keeps at least this accuracy on the samples it accepts;
+    * ``target_accuracy``: the cheapest thresholds found whose overall accuracy is at least this;
     * ``target_drop`` (points): the cheapest thresholds found whose overall accuracy is within that many points of
       the final exit's;
     * ``budget`` (fraction of ``full_flops``, the whole network's FLOPs without exit heads): the most accurate
       thresholds found whose mean cost fits;
-    * none: every early exit keeps the final exit's accuracy.
-    The drop and budget objectives are a grid search: 201 accuracy targets shared by the early exits, each turned
-    into cascade thresholds as above, plus "never exit early"; the best feasible cascade is kept.
+    * none: every early exit keeps the final exit's accuracy on the samples it accepts.
+    The searches run over "never exit early" and, for each of 201 accuracy targets shared by the early exits, the
+    cascade thresholds that meet it.
     """
-    if sum(x is not None for x in (target_accuracy, target_drop, budget)) > 1:
-        raise ConfigError("give at most one of --target-accuracy, --target-drop and --budget-flops")
-    final_acc = float((exit_logits[-1].argmax(1) == labels).double().mean())
-    full = costs[-1] if full_flops is None else full_flops
-    if target_drop is not None and target_drop < 0:
-        raise ConfigError(f"target drop must be >= 0 points, got {target_drop}")
-    if budget is not None and budget <= 0:
-        raise ConfigError(f"FLOPs budget must be a positive fraction, got {budget}")
-    if target_drop is None and budget is None:
-        target = final_acc if target_accuracy is None else target_accuracy
-        gates = calibrate_gates(exit_logits, labels, target, family)
-        return gates, {"objective": "target_accuracy", "target": target, "final_accuracy": final_acc}
-    candidates = [[ConstantGate(False)] * (len(exit_logits) - 1)]
-    candidates += [calibrate_gates(exit_logits, labels, float(t), family) for t in np.linspace(0.0, 1.0, 201)]
-    scored = [(cascade(exit_logits, labels, g, costs), g) for g in candidates]
-    if target_drop is not None:
-        goal = final_acc - target_drop / 100 - 1e-12  # tolerance: 0.98 - 0.01 must admit an accuracy of 0.97
-        feasible = [(r, g) for r, g in scored if r["accuracy"] >= goal]
-        best = min(feasible, key=lambda rg: (rg[0]["mean_cost"], -rg[0]["accuracy"]))
-        info = {"objective": "target_drop", "target": target_drop, "final_accuracy": final_acc}
-    else:
-        feasible = [(r, g) for r, g in scored if r["mean_cost"] <= budget * full]
-        if not feasible:
-            raise ConfigError(f"no thresholds fit a budget of {budget:.1%} of the network's FLOPs on this data")
-        best = max(feasible, key=lambda rg: (rg[0]["accuracy"], -rg[0]["mean_cost"]))
-        info = {"objective": "budget_flops", "target": budget, "final_accuracy": final_acc}
-    return best[1], info
+    objective = Objective.from_targets(target_accuracy, target_drop, budget)
+    es = ExitScores.build(exit_logits, labels, family, costs, full_flops)
+    thresholds, info = naive_thresholds(es, objective)
+    return to_gates(family, thresholds), info
 
 
 def exit_taken(exit_logits: list[Tensor], gates: list[Gate]) -> Tensor:
@@ -163,11 +361,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICIES, default=None, help="active policy (default: keep the current one)")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target-accuracy", type=float, default=None,
-                      help="accuracy each early exit must keep (default: the final exit's validation accuracy)")
+                      help="cheapest thresholds whose accuracy is at least this")
     goal.add_argument("--target-drop", type=float, default=None,
                       help="cheapest thresholds within this many accuracy points of the final exit")
     goal.add_argument("--budget-flops", type=float, default=None,
                       help="most accurate thresholds within this fraction of the network's FLOPs")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="ltt: certify the target on new data with probability >= 1 - delta; naive: best thresholds "
+                        "on validation data, no guarantee (default: the checkpoint's)")
+    p.add_argument("--delta", type=float, default=None, help="ltt: allowed probability that the promise fails")
+    p.add_argument("--bound", choices=BOUNDS, default=None, help="ltt: concentration bound (default wsr)")
     return p
 
 
@@ -187,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         saved["policy"] = args.policy
     if args.data:
         saved["data"] = args.data
+    for key in ("method", "delta", "bound"):
+        if getattr(args, key) is not None:
+            saved["calibration" if key == "method" else key] = getattr(args, key)
     try:
         cfg = TrainConfig(**saved)
     except (TypeError, ValueError) as e:
@@ -198,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val)
     meta.update(fit_and_calibrate(model, val, cfg, learned))
     meta["config"] = {**meta["config"], "target_accuracy": cfg.target_accuracy, "target_drop": cfg.target_drop,
-                      "budget_flops": cfg.budget_flops, "policy": cfg.policy}
+                      "budget_flops": cfg.budget_flops, "policy": cfg.policy, "calibration": cfg.calibration,
+                      "delta": cfg.delta, "bound": cfg.bound}
     checkpoint.save(model, meta, args.checkpoint)
     print(f"calibrated on {len(val)} validation samples of {cfg.data}; active policy {cfg.policy}")
     return 0

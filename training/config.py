@@ -49,6 +49,11 @@ class TrainConfig:
     target_accuracy: float | None = _h("accuracy each early exit must keep (default: final exit's val accuracy)")
     target_drop: float | None = _h("calibrate to the cheapest thresholds within this many points of the final exit")
     budget_flops: float | None = _h("calibrate to the most accurate thresholds within this FLOPs fraction")
+    calibration: str = field(default="ltt", metadata={
+        "help": "ltt: thresholds certified to meet the target on new data with probability >= 1 - delta "
+                "(default target: within 1 point of the final exit); naive: the best thresholds on validation data"})
+    delta: float = field(default=0.1, metadata={"help": "ltt: allowed probability that the promise fails"})
+    bound: str = field(default="wsr", metadata={"help": "ltt: concentration bound, wsr, hb or binomial"})
 
     def __post_init__(self) -> None:
         if self.mode not in ("joint", "staged"):
@@ -78,6 +83,12 @@ class TrainConfig:
             raise ValueError("give at most one of target_accuracy, target_drop and budget_flops")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+        if self.calibration not in ("naive", "ltt"):
+            raise ValueError(f"calibration must be naive or ltt, got {self.calibration!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.bound not in ("wsr", "hb", "binomial"):
+            raise ValueError(f"bound must be wsr, hb or binomial, got {self.bound!r}")
         if any(w < 0 for w in self.loss_weights) or not any(self.loss_weights[:-1]) or not self.loss_weights[-1]:
             raise ValueError("loss_weights must be non-negative, with a positive final weight and at least one "
                              f"positive early-exit weight, got {self.loss_weights}")

@@ -29,7 +29,8 @@ def export(checkpoint_path: Path, out: Path, gate_specs: list[str] | None = None
                           "run python -m training.calibrate --checkpoint FILE, or pass --gate per exit")
     else:
         gates, active = [gate_from_dict(g) for g in meta["gates"]], meta.get("policy")
-    return export_bundles(model, gates, out, meta["class_names"], policies=policies, active=active)
+    return export_bundles(model, gates, out, meta["class_names"], policies=policies, active=active,
+                          calibration={} if gate_specs else meta.get("calibration"))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

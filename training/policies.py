@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.gates import GateMLP, LearnedGate, gate_features, gate_to_dict
-from training.calibrate import POLICIES, calibrate_policy, cascade, policy_family
+from training.calibrate import POLICIES, ExitScores, Objective, calibrate_scores, cascade, policy_family, to_gates
 
 
 def _standardised_mlp(features: Tensor, hidden: int, seed: int) -> GateMLP:
@@ -110,12 +110,16 @@ def gate_split(n: int, seed: int) -> tuple[Tensor, Tensor]:
 
 def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float], full_flops: float, *, alpha: float,
                    epochs: int, max_batches: int | None, seed: int, target_accuracy: float | None = None,
-                   target_drop: float | None = None, budget: float | None = None,
+                   target_drop: float | None = None, budget: float | None = None, method: str = "naive",
+                   delta: float = 0.1, bound: str = "wsr",
                    learned: dict[str, list[LearnedGate]] | None = None) -> dict:
     """Fit the learned policies (unless given) and calibrate every policy on validation logits.
 
-    Returns ``{"policies": {name: [gate dict per early exit]}, "calibration": {name: outcome on the calibration
-    half}}``; the ``cost`` policy keeps its trained decision rule (probability >= 0.5) - its trade-off is ``alpha``.
+    ``method`` ``naive`` searches the calibration half for the best thresholds; ``ltt`` orders candidate thresholds
+    on the fitting half and certifies them on the calibration half, so the target holds on new data with
+    probability >= 1 - ``delta``. Returns ``{"policies": {name: [gate dict per early exit]}, "calibration": {name:
+    how it was calibrated and its outcome on the calibration half}}``. Under ``naive`` the ``cost`` policy keeps its
+    trained decision rule (probability >= 0.5): its trade-off is ``alpha``; ``ltt`` certifies its threshold too.
     """
     fit, cal = gate_split(len(labels), seed)
     fit_logits, cal_logits = [lg[fit] for lg in exit_logits], [lg[cal] for lg in exit_logits]
@@ -125,15 +129,19 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
             "cost": fit_cost_gates(fit_logits, labels[fit], costs, alpha, epochs=epochs, max_batches=max_batches,
                                    seed=seed, full_flops=full_flops),
         }
+    objective = Objective.from_targets(target_accuracy, target_drop, budget, method)
     policies, calibration = {}, {}
     for name in POLICIES:
-        if name == "cost":
+        if name == "cost" and method == "naive":
             # Its trade-off is alpha, fixed at fitting; accuracy targets and budgets do not apply to it.
-            gates, info = list(learned["cost"]), {"objective": "alpha", "target": learned["cost"][0].alpha}
+            gates, info = list(learned["cost"]), {"method": "alpha", "objective": "alpha",
+                                                  "target": learned["cost"][0].alpha}
         else:
             family = policy_family(name, learned.get(name), len(exit_logits) - 1)
-            gates, info = calibrate_policy(cal_logits, labels[cal], family, costs, target_accuracy=target_accuracy,
-                                           target_drop=target_drop, budget=budget, full_flops=full_flops)
+            cal_scores = ExitScores.build(cal_logits, labels[cal], family, costs, full_flops)
+            fit_scores = ExitScores.build(fit_logits, labels[fit], family, costs, full_flops)
+            thresholds, info = calibrate_scores(cal_scores, objective, method, delta, bound, path=fit_scores)
+            gates = to_gates(family, thresholds)
         outcome = cascade(cal_logits, labels[cal], gates, costs)
         policies[name] = [gate_to_dict(g) for g in gates]
         calibration[name] = {**info, "val_accuracy": outcome["accuracy"], "val_exit_counts": outcome["exit_counts"],

@@ -125,7 +125,7 @@ def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
     built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
-                           learned=learned)
+                           method=cfg.calibration, delta=cfg.delta, bound=cfg.bound, learned=learned)
     for name, c in built["calibration"].items():
         print(f"[policies] {name:>10}: validation accuracy {c['val_accuracy']:.4f} at "
               f"{c['val_flops_fraction']:.1%} FLOPs, exits {c['val_exit_counts']}"

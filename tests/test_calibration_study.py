@@ -1,0 +1,54 @@
+"""The calibration study command, and the calibration record that travels from checkpoint to bundle."""
+import json
+
+import pytest
+
+from common.bundle import load_tier_bundle
+from common.errors import ConfigError
+from training import calibrate, calibration_study, checkpoint
+from training.export import export
+
+
+def test_study_cli_writes_json_and_plot(tiny_bundle, tmp_path):
+    out = tmp_path / "study"
+    assert calibration_study.main(["--bundle", str(tiny_bundle), "--data", "synthetic:test", "--limit", "400",
+                                   "--splits", "4", "--target-drop", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "calibration_study.json").read_text())
+    assert (out / "calibration_study.png").stat().st_size > 0
+    assert result["samples"] == 400 and result["splits"] == 4 and result["delta"] == 0.1
+    assert (result["calibration_samples"], result["path_samples"], result["evaluation_samples"]) == (200, 100, 200)
+    assert set(result["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    for r in result["policies"].values():
+        for method in ("naive", "ltt"):
+            drops = r[method]["per_split"]["drop"]
+            assert len(drops) == 4
+            assert r[method]["held_fraction"] == pytest.approx(sum(d <= 5 + 1e-9 for d in drops) / 4)
+        assert r["guarantee_flops_cost"] == pytest.approx(r["ltt"]["flops_fraction"]["mean"]
+                                                          - r["naive"]["flops_fraction"]["mean"])
+
+
+def test_study_refuses_impossible_splits(tiny_bundle, tmp_path):
+    with pytest.raises(ConfigError, match="too few"):
+        calibration_study.main(["--bundle", str(tiny_bundle), "--limit", "2", "--splits", "1", "--out",
+                                str(tmp_path)])
+
+
+def test_bundles_record_how_their_thresholds_were_calibrated(tiny_run, tmp_path):
+    bundles = [load_tier_bundle(f) for f in export(tiny_run, tmp_path / "ltt")]
+    record = bundles[0].calibration()
+    assert (record["method"], record["objective"], record["target"], record["delta"], record["bound"]) == (
+        "ltt", "target_drop", 5.0, 0.1, "wsr")
+    assert bundles[1].calibration("mlp")["method"] == "ltt"
+    assert bundles[2].calibration() == {}  # the last tier has no threshold to calibrate
+
+    # Re-calibrating naively is recorded as such, and the cost policy goes back to its alpha rule.
+    path = tmp_path / "naive.safetensors"
+    model, meta = checkpoint.load(tiny_run)
+    checkpoint.save(model, meta, path)
+    assert calibrate.main(["--checkpoint", str(path), "--method", "naive", "--target-drop", "2"]) == 0
+    _, meta2 = checkpoint.load(path)
+    assert meta2["calibration"]["confidence"]["method"] == "naive"
+    assert meta2["calibration"]["cost"]["method"] == "alpha"
+    assert meta2["config"]["calibration"] == "naive"
+    bundles = [load_tier_bundle(f) for f in export(path, tmp_path / "naive")]
+    assert bundles[0].calibration()["method"] == "naive"
