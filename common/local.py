@@ -5,6 +5,7 @@ it on the other side, so bytes are counted identically and the next tier sees th
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -54,17 +55,24 @@ def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: s
 
 
 @torch.inference_mode()
-def all_exit_logits(bundles: list[TierBundle], images: torch.Tensor, batch_size: int = 500) -> list[torch.Tensor]:
+def all_exit_logits(bundles: list[TierBundle], images: torch.Tensor, batch_size: int = 500,
+                    seconds: list[float] | None = None) -> list[torch.Tensor]:
     """Every exit's logits for every sample: the segments run in sequence with no sample leaving early.
 
     One forward pass of the whole network, from which any exit policy can be evaluated without running it again.
+    ``seconds``, when given, receives each segment's total wall time (segment and exit head), one entry per tier.
     """
     per_exit: list[list[torch.Tensor]] = [[] for _ in bundles]
+    spent = [0.0] * len(bundles)
     for lo in range(0, len(images), batch_size):
         x = images[lo:lo + batch_size]
         for k, bundle in enumerate(bundles):
+            start = time.perf_counter()
             x, logits = bundle.segment(x)
+            spent[k] += time.perf_counter() - start
             per_exit[k].append(logits)
+    if seconds is not None:
+        seconds[:] = spent
     return [torch.cat(chunks) for chunks in per_exit]
 
 
@@ -83,5 +91,9 @@ def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, 
     """Report of the in-process chain of ``root`` over ``images``, batched exactly as a client would send them."""
     first, bundles = load_local_chain(root, gates, policy)
     m = bundles[0].manifest
-    return feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
-                           m["flops"]["full_network"], run_id="in-process")
+    report, records = feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
+                                      m["flops"]["full_network"], run_id="in-process")
+    overridden = bool(gates) and bundles[0].tier in gates
+    name = "command-line" if overridden else policy or m.get("policy") or ""
+    report["calibration"] = {"policy": name, **({} if overridden else bundles[0].calibration(name))}
+    return report, records

@@ -29,3 +29,11 @@ def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
         # Sending everything to the final exit reproduces the final exit's accuracy at the highest cost.
         assert pts[-1]["parameter"] is None and pts[-1]["accuracy"] == pytest.approx(result["final_accuracy"])
         assert pts[-1]["flops_fraction"] > 1.0 > pts[0]["flops_fraction"]
+        # Latency follows where samples leave: the never-exit point pays every segment, and cumulative compute
+        # time to each exit is increasing.
+        assert pts[-1]["compute_ms_per_sample"] == pytest.approx(result["compute_ms_to_exit"]["cloud"])
+        assert all(p["compute_ms_per_sample"] <= pts[-1]["compute_ms_per_sample"] + 1e-9 for p in pts)
+    ms = list(result["compute_ms_to_exit"].values())
+    assert 0 < ms[0] < ms[1] < ms[2]
+    assert result["calibrated"]["calibration"]["method"] == "ltt"
+    assert report["calibration"]["policy"] == "confidence" and report["calibration"]["method"] == "ltt"

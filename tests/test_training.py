@@ -123,3 +123,19 @@ def test_distilled_training_runs(tmp_path):
                       distill=4.0, epochs_gates=2)
     meta = train(cfg, tmp_path / "d")
     assert meta["config"]["distill"] == 4.0 and len(meta["gates"]) == 2
+
+
+def test_seed_smoke_command_with_both_policies(tmp_path, capsys):
+    """The seed's smoke run: no backbone epochs, one exit epoch, one gate epoch of 50 batches, both policies."""
+    from training.train import main
+
+    assert main(["--out", str(tmp_path), "--mode", "staged", "--epochs-backbone", "0", "--epochs-exits", "1",
+                 "--epochs-gates", "1", "--gate-max-batches", "50", "--policy", "both", "--width", "0.125",
+                 "--limit-train", "512", "--limit-val", "400", "--max-batches", "4"]) == 0
+    out = capsys.readouterr().out
+    static = [line for line in out.splitlines() if "confidence: validation accuracy" in line]
+    learned = [line for line in out.splitlines() if "mlp: validation accuracy" in line]
+    assert len(static) == 1 and len(learned) == 1 and learned[0].endswith("<- active")
+    assert "entropy: validation" not in out  # both = the static threshold and the learned gate, side by side
+    _, meta = checkpoint.load(tmp_path / "checkpoint.safetensors")
+    assert meta["policy"] == "mlp" and meta["gates"] == meta["policies"]["mlp"]

@@ -42,7 +42,8 @@ class TrainConfig:
     threads: int | None = _h("torch intra-op threads")
     # Exit policies (third stage): fitted on one half of the validation split, calibrated on the other
     policy: str = field(default="confidence", metadata={
-        "help": "active policy in the bundle: confidence, entropy, margin, mlp or cost (all are fitted and stored)"})
+        "help": "active policy in the bundle: confidence, entropy, margin, mlp or cost (all are fitted and stored); "
+                "both: the static confidence threshold and the learned mlp gate side by side, mlp active"})
     alpha: float = field(default=0.5, metadata={"help": "cost policy: weight of FLOPs against loss, in [0, 1]"})
     epochs_gates: int = field(default=40, metadata={"help": "epochs of learned-gate fitting on cached exit outputs"})
     gate_max_batches: int | None = _h("stop each gate-fitting epoch after this many batches")
@@ -71,8 +72,8 @@ class TrainConfig:
             raise ValueError("width, batch_size and lr must be positive")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.policy not in ("confidence", "entropy", "margin", "mlp", "cost"):
-            raise ValueError(f"policy must be confidence, entropy, margin, mlp or cost, got {self.policy!r}")
+        if self.policy not in ("confidence", "entropy", "margin", "mlp", "cost", "both"):
+            raise ValueError(f"policy must be confidence, entropy, margin, mlp, cost or both, got {self.policy!r}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.target_drop is not None and self.target_drop < 0:

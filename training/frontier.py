@@ -4,14 +4,17 @@
 
 Runs the bundle's segments once over the data (no sample leaves early), keeps every exit's logits, and then sweeps
 each thresholded policy (one threshold shared by the early exits) over its range, plus the bundle's own calibrated
-gates. Writes ``OUT/frontier.json`` and ``OUT/frontier.png`` (accuracy against the mean FLOPs fraction, one line
-per policy, the final exit's accuracy as a reference line).
+gates. Each segment's compute time is measured during that pass, so every point also has a mean compute latency per
+sample (segments and exit heads on this machine, batches of 500; links not included). Writes ``OUT/frontier.json``
+and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and against latency, one line per policy, the
+final exit's accuracy as a reference line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +28,37 @@ from training.calibrate import Thresholdable, cascade, policy_family
 from training.data import load
 
 
-def _point(logits, labels, gates: list[Gate], costs: list[float], full: float, tiers: list[str]) -> dict:
-    sim = cascade(logits, labels, gates, costs)
-    return {"accuracy": sim["accuracy"], "flops_fraction": sim["mean_cost"] / full,
-            "exits": dict(zip(tiers, sim["exit_counts"]))}
+@dataclass(frozen=True)
+class Cached:
+    """One forward pass over a data set: every exit's logits, the labels, the cumulative FLOPs of leaving at each
+    exit, the whole network's FLOPs, the tier names, and the cumulative compute time per sample up to each exit."""
+
+    logits: list[torch.Tensor]
+    labels: torch.Tensor
+    costs: list[float]
+    full: float
+    tiers: list[str]
+    ms_to_exit: list[float]
+
+    def point(self, gates: list[Gate]) -> dict:
+        """Accuracy, mean FLOPs fraction, mean compute latency per sample and exits per tier under ``gates``."""
+        sim = cascade(self.logits, self.labels, gates, self.costs)
+        n = len(self.labels)
+        latency = sum(k * ms for k, ms in zip(sim["exit_counts"], self.ms_to_exit)) / n
+        return {"accuracy": sim["accuracy"], "flops_fraction": sim["mean_cost"] / self.full,
+                "compute_ms_per_sample": latency, "exits": dict(zip(self.tiers, sim["exit_counts"]))}
 
 
-def sweep(logits: list[torch.Tensor], labels: torch.Tensor, family: list[Thresholdable], costs: list[float],
-          full: float, tiers: list[str], points: int = 41) -> list[dict]:
+def sweep(cached: Cached, family: list[Thresholdable], points: int = 41) -> list[dict]:
     """One point per threshold (shared by the early exits), at quantiles of their pooled scores, plus exit-none."""
-    scores = np.concatenate([fam.score(lg) for fam, lg in zip(family, logits[:-1])])
+    scores = np.concatenate([fam.score(lg) for fam, lg in zip(family, cached.logits[:-1])])
     quantiles = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
     out = []
     for q in quantiles:
         gates = [fam.make(float(q)) for fam in family]
-        out.append({"parameter": gates[0].params()["threshold"], **_point(logits, labels, gates, costs, full, tiers)})
-    never = [ConstantGate(False)] * (len(logits) - 1)
-    out.append({"parameter": None, **_point(logits, labels, never, costs, full, tiers)})
+        out.append({"parameter": gates[0].params()["threshold"], **cached.point(gates)})
+    never = [ConstantGate(False)] * (len(cached.logits) - 1)
+    out.append({"parameter": None, **cached.point(never)})
     return sorted(out, key=lambda p: p["flops_fraction"])
 
 
@@ -50,23 +67,24 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
     tiers = [b.tier for b in bundles]
     start = time.perf_counter()
-    logits = all_exit_logits(bundles, images)
+    seconds: list[float] = []
+    logits = all_exit_logits(bundles, images, seconds=seconds)
     forward_s = time.perf_counter() - start
     costs, full = bundle_costs(bundles)
+    cached = Cached(logits, labels, costs, full, tiers,
+                    list(np.cumsum([1000 * s / len(labels) for s in seconds])))
     calibrated = [b.gate for b in bundles[:-1]]
     early = len(bundles) - 1
     stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in bundles[:-1]))
-    policies = {kind: {"points": sweep(logits, labels, policy_family(kind, num_early=early), costs, full, tiers,
-                                       points)} for kind in THRESHOLD_GATES}
+    policies = {kind: {"points": sweep(cached, policy_family(kind, num_early=early), points)}
+                for kind in THRESHOLD_GATES}
     if "mlp" in stored:  # the fitted gate MLPs, swept over their probability threshold
         templates = [b.policy_gate("mlp") for b in bundles[:-1]]
-        policies["mlp"] = {"points": sweep(logits, labels, policy_family("mlp", templates, early), costs, full,
-                                           tiers, points)}
+        policies["mlp"] = {"points": sweep(cached, policy_family("mlp", templates, early), points)}
     if "cost" in stored:  # one point: the trade-off was fixed by alpha at training time
         gates = [b.policy_gate("cost") for b in bundles[:-1]]
         policies["cost"] = {"alpha": gates[0].alpha,
-                            "points": [{"parameter": gates[0].alpha, **_point(logits, labels, gates, costs, full,
-                                                                               tiers)}]}
+                            "points": [{"parameter": gates[0].alpha, **cached.point(gates)}]}
     return {
         "samples": len(labels),
         "model_id": bundles[0].model_id,
@@ -76,7 +94,8 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
         "policies": policies,
         "calibrated": {"policy": bundles[0].manifest.get("policy"),
                        "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
-                       **_point(logits, labels, calibrated, costs, full, tiers)},
+                       "calibration": bundles[0].calibration(), **cached.point(calibrated)},
+        "compute_ms_to_exit": dict(zip(tiers, cached.ms_to_exit)),
         "forward_seconds": forward_s,
     }
 
@@ -87,20 +106,23 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, policy in result["policies"].items():
-        pts = policy["points"]
-        style = {"marker": "D", "markersize": 8, "linestyle": "none"} if len(pts) == 1 else {"marker": "."}
-        label = f"cost (alpha={policy['alpha']})" if kind == "cost" else kind
-        ax.plot([p["flops_fraction"] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
-    ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     cal = result["calibrated"]
-    ax.plot([cal["flops_fraction"]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
-    ax.set_xlabel("mean FLOPs per sample / whole network")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"accuracy against computation ({result['samples']} samples)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    for ax, key, xlabel in ((axes[0], "flops_fraction", "mean FLOPs per sample / whole network"),
+                            (axes[1], "compute_ms_per_sample", "mean compute time per sample (ms, this CPU)")):
+        for kind, policy in result["policies"].items():
+            pts = policy["points"]
+            style = {"marker": "D", "markersize": 8, "linestyle": "none"} if len(pts) == 1 else {"marker": "."}
+            label = f"cost (alpha={policy['alpha']})" if kind == "cost" else kind
+            ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
+        ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
+        ax.plot([cal[key]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
+    axes[1].set_title("accuracy against latency (segments' compute, no links)")
+    axes[1].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -126,11 +126,16 @@ def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
                            method=cfg.calibration, delta=cfg.delta, bound=cfg.bound, learned=learned)
-    for name, c in built["calibration"].items():
+    active = "mlp" if cfg.policy == "both" else cfg.policy
+    shown = ("confidence", "mlp") if cfg.policy == "both" else tuple(built["calibration"])
+    print(f"[policies] calibrated on {built['calibration'][active]['val_samples']} held-out validation samples "
+          f"({cfg.calibration})")
+    for name in shown:
+        c = built["calibration"][name]
         print(f"[policies] {name:>10}: validation accuracy {c['val_accuracy']:.4f} at "
               f"{c['val_flops_fraction']:.1%} FLOPs, exits {c['val_exit_counts']}"
-              + ("   <- active" if name == cfg.policy else ""))
-    return {"policies": built["policies"], "policy": cfg.policy, "gates": built["policies"][cfg.policy],
+              + ("   <- active" if name == active else ""))
+    return {"policies": built["policies"], "policy": active, "gates": built["policies"][active],
             "calibration": built["calibration"]}
 
 
