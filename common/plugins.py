@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
+from pathlib import Path
 
 from common.errors import ConfigError
 
@@ -36,14 +38,31 @@ def import_env_plugins() -> None:
 
 
 def use_plugins(names: list[str] | None) -> None:
-    """Import ``names`` now and add them to ``SPLITEXIT_PLUGINS`` for child processes."""
+    """Import ``names`` now and add them to ``SPLITEXIT_PLUGINS`` for child processes.
+
+    The folder each module was found in is added to ``PYTHONPATH`` too: child processes may run in another working
+    directory (the launcher starts tiers from the repository root), yet must import the same module.
+    """
     names = [n for v in names or [] for n in _split(v)]
     for name in names:
         import_plugin(name)
+        _export_search_path(name)
     known = _split(os.environ.get(PLUGINS_ENV, ""))
     merged = known + [n for n in names if n not in known]
     if merged:
         os.environ[PLUGINS_ENV] = ",".join(merged)
+
+
+def _export_search_path(name: str) -> None:
+    top = sys.modules[name.partition(".")[0]]
+    file = getattr(top, "__file__", None)
+    if not file:
+        return
+    path = Path(file).resolve().parent
+    folder = str(path.parent if Path(file).name == "__init__.py" else path)
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if folder not in entries:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*entries, folder])
 
 
 def add_plugin_arg(parser: argparse.ArgumentParser) -> None:
