@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.errors import ConfigError, SplitExitError
+from common.plugins import add_plugin_arg
 
 
 def address(value: str) -> str:
@@ -49,6 +50,7 @@ def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
     parser.add_argument("--report", type=Path, default=None, help="write the report JSON here")
     parser.add_argument("--policy", default=None, help="exit policy stored in the bundle to use (e.g. mlp, cost)")
     parser.add_argument("--gate", action="append", help=gate_help)
+    add_plugin_arg(parser)
 
 
 def emit_report(report: dict, args: argparse.Namespace) -> None:

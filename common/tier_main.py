@@ -21,6 +21,7 @@ from common.bundle import load_tier_bundle
 from common.cli import address, positive_int
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
+from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, message_limit, set_serving
 from common.runtime import TierRuntime
 
@@ -60,6 +61,7 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the next tier's answer")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain in-flight requests on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
+    add_plugin_arg(p)
     return p
 
 
@@ -70,6 +72,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = args.bundle / tier if (args.bundle / tier / "manifest.json").is_file() else args.bundle
+    use_plugins(args.plugin)
     bundle = load_tier_bundle(folder)
     if bundle.tier != tier:
         raise ConfigError(f"{folder} is the {bundle.tier} bundle, not the {tier} bundle")

@@ -18,6 +18,7 @@ from common.gates import Gate
 from common.local import evaluate_in_process
 from common.report import compare
 from common.rpc import NextTierClient
+from common.plugins import use_plugins
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load  # the data-spec readers live with the training code
 
     args = get_args_parser().parse_args(argv)
+    use_plugins(args.plugin)
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
     report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout,

@@ -26,6 +26,7 @@ from common.errors import SplitExitError
 from common.gates import Gate, format_gate
 from common.rpc import wait_for_serving
 from common.tier_main import PARENT_PID_ENV
+from common.plugins import use_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
+    use_plugins(args.plugin)
     gates = tier_gates(args.gate)
     deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, policy=args.policy, log_dir=args.log_dir)
     data = load(args.data, args.split, limit=args.limit)

@@ -19,7 +19,9 @@ def run(*args, timeout=60):
     (("training.train", "--out", "/tmp/never", "--mode", "sideways"), "mode"),
     (("training.export", "--checkpoint", "/nonexistent.safetensors", "--out", "/tmp/never"), "does not exist"),
     (("scripts.launch_local", "--bundle", "/nonexistent"), "holds no exported bundle"),
-    (("device.client", "--target", "127.0.0.1:1", "--data", "mnist"), "unknown data kind"),
+    (("device.client", "--target", "127.0.0.1:1", "--data", "svhn"), "unknown data kind"),
+    (("training.train", "--out", "/tmp/never", "--architecture", "resnet1000"), "unknown backbone"),
+    (("cloud", "--bundle", "/x", "--plugin", "no_such_module_here"), "cannot import plugin module"),
 ])
 def test_one_line_errors(args, words):
     result = run(*args)

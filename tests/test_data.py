@@ -99,3 +99,65 @@ def test_imagefolder_partitions_deterministically(tmp_path):
     assert not (set(seen[0]) & set(seen[1])) and not (set(seen[0]) & set(seen[2]))
     again = load(f"imagefolder:{tmp_path}", "val")
     assert torch.equal(again.images, parts["val"].images)
+
+
+def _write_idx(path, array):
+    import gzip
+
+    import numpy as np
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def test_mnist_from_local_idx_files(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    train_labels = np.arange(50, dtype=np.uint8) % 10
+    _write_idx(raw / "train-images-idx3-ubyte.gz", train_images)  # gzipped, as distributed
+    _write_idx(raw / "train-labels-idx1-ubyte", train_labels)
+    _write_idx(raw / "t10k-images-idx3-ubyte", train_images[:7])
+    _write_idx(raw / "t10k-labels-idx1-ubyte", train_labels[:7])
+    train = load(f"mnist:{tmp_path}", "train")
+    val = load(f"mnist:{tmp_path}", "val")
+    test = load(f"mnist:{tmp_path}", "test")
+    assert train.images.shape == (45, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert len(val) == 5 and len(test) == 7 and train.class_names == [str(d) for d in range(10)]
+    # Every training image is one of the file's images with its own label; validation is held out of them.
+    for img, lab in zip(train.images, train.labels):
+        (i,) = [k for k in range(50) if (train_images[k] == img[0].numpy()).all()]
+        assert train_labels[i] == lab
+    assert torch.equal(test.images[:, 0], torch.from_numpy(train_images[:7]))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09" + bytes(3))
+    with pytest.raises(ConfigError, match="header promises"):
+        load(f"mnist:{tmp_path}", "test")
+    with pytest.raises(ConfigError, match="nothing is downloaded"):
+        load(f"mnist:{tmp_path / 'nowhere'}", "train")
+
+
+def test_imagenette_is_read_at_224_with_the_imagenet_centre_crop(tmp_path):
+    from PIL import Image
+
+    from training.data import normalization
+
+    for split in ("train", "val"):
+        for c in ("tench", "church"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                # 400 x 300 image with a white frame (30 px left and right, 15 px top and bottom): resizing to 256
+                # and cropping 224 keeps only its middle 332 x 262 pixels, so none of the frame survives.
+                im = Image.new("RGB", (400, 300), (255, 255, 255))
+                im.paste((10 * i, 50, 90), (30, 15, 370, 285))
+                im.save(tmp_path / split / c / f"{i}.png")
+    test = load(f"imagenette:{tmp_path}", "test")
+    assert test.images.shape == (6, 3, 224, 224)
+    assert int(test.images[:, 1].max()) < 60  # no white border left
+    assert load(f"imagenette:{tmp_path}", "test", image_size=64).images.shape[-1] == 64
+    assert normalization(f"imagenette:{tmp_path}") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalization("mnist:/x") == ((0.1307,), (0.3081,))
+    assert normalization("synthetic")[0] == (0.4914, 0.4822, 0.4465)  # unchanged for the existing data

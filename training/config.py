@@ -10,7 +10,8 @@ def _h(text: str):
 
 @dataclass
 class TrainConfig:
-    data: str = field(default="synthetic", metadata={"help": "data spec: synthetic, cifar10:DIR, imagefolder:DIR"})
+    data: str = field(default="synthetic", metadata={
+        "help": "data spec: synthetic, cifar10:DIR, cifar100:DIR, mnist:DIR, imagefolder:DIR, imagenette:DIR"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling and the validation hold-out"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of the training data held out for calibration"})
     download: bool = field(default=False, metadata={"help": "allow torchvision to download CIFAR"})
@@ -18,9 +19,13 @@ class TrainConfig:
     limit_val: int | None = _h("use at most this many validation samples")
     # Model
     architecture: str = field(default="resnet18_cifar", metadata={"help": "registered backbone"})
+    plugin: list[str] = field(default_factory=list, metadata={
+        "help": "modules to import first, e.g. ones registering backbones of your own"})
+    pretrained: str | None = _h("local weights file (.safetensors, or a state dict read weights-only) to start from")
     width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
-    exit_points: list[int] = field(default_factory=lambda: [2, 3],
-                                   metadata={"help": "stage boundaries of the device and edge exits"})
+    exit_points: list[int] | None = field(default=None, metadata={
+        "help": "stage boundaries of the device and edge exits (default: the backbone's own)"})
+    image_size: int | None = _h("side of the square images an image folder is read at (default: 32, imagenette 224)")
     exit_conv_channels: int = field(default=0, metadata={"help": "channels of a 3x3 conv in the exit heads (0 = "
                                                                  "none: global pool + linear)"})
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
@@ -57,6 +62,14 @@ class TrainConfig:
     bound: str = field(default="wsr", metadata={"help": "ltt: concentration bound, wsr, hb or binomial"})
 
     def __post_init__(self) -> None:
+        from common.models import backbone_info
+        from common.plugins import use_plugins
+
+        use_plugins(self.plugin)  # before the architecture is looked up: a plugin may register it
+        if self.exit_points is None:
+            self.exit_points = list(backbone_info(self.architecture).exit_points)
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.mode not in ("joint", "staged"):
             raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
         if self.augment not in ("auto", "none", "crop_flip"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from common.cli import add_run_args, emit_report, run, tier_gates
 from common.local import evaluate_in_process
+from common.plugins import use_plugins
 from training.data import load
 
 
@@ -21,6 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    use_plugins(args.plugin)
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
     report, _ = evaluate_in_process(args.bundle, data.images, data.labels, args.batch_size, gates, args.policy)

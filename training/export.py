@@ -13,6 +13,7 @@ from common.bundle import export_bundles
 from common.cli import run
 from common.errors import ConfigError
 from common.gates import gate_from_dict, parse_gate
+from common.plugins import add_plugin_arg, use_plugins
 from training import checkpoint
 
 
@@ -38,11 +39,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors written by training.train")
     p.add_argument("--out", type=Path, required=True, help="bundle root to write")
     p.add_argument("--gate", action="append", default=None, help="gate override per early exit (repeatable)")
+    add_plugin_arg(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    use_plugins(args.plugin)
     for folder in export(args.checkpoint, args.out, args.gate):
         print(folder)
     return 0

@@ -23,21 +23,27 @@ from torch import nn
 from common.cli import run
 from common.config import add_config_args, resolve_config, save_config
 from common.models import ExitHeadSpec, ModelSpec, MultiExitNet
+from common.models.convert import load_pretrained
 from common.split import cost_table
 from training import checkpoint
 from training.config import TrainConfig
-from training.data import ImageSet, load, parse_spec
+from training.data import ImageSet, load, normalization, parse_spec
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
 from training.policies import build_policies
 
 
 def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int, int]) -> MultiExitNet:
+    mean, std = normalization(cfg.data)
     spec = ModelSpec(
         architecture=cfg.architecture, num_classes=num_classes, width=cfg.width, input_shape=input_shape,
-        exit_points=tuple(cfg.exit_points),
+        exit_points=tuple(cfg.exit_points), mean=mean, std=std,
         exit_head=ExitHeadSpec(conv_channels=cfg.exit_conv_channels, conv_stride=cfg.exit_conv_stride),
     )
-    return MultiExitNet(spec)
+    model = MultiExitNet(spec)
+    if cfg.pretrained:
+        skipped = load_pretrained(model.backbone, Path(cfg.pretrained))
+        print(f"backbone weights from {cfg.pretrained}" + (f"; left as initialised: {skipped}" if skipped else ""))
+    return model
 
 
 def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], epochs: int, train: ImageSet,
@@ -51,7 +57,8 @@ def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], 
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch)
-    augment = cfg.augment == "crop_flip" or (cfg.augment == "auto" and parse_spec(cfg.data).kind != "synthetic")
+    unaugmented = ("synthetic", "mnist")  # synthetic cues are positional; flipped digits are other digits
+    augment = cfg.augment == "crop_flip" or (cfg.augment == "auto" and parse_spec(cfg.data).kind not in unaugmented)
     history = []
     for epoch in range(epochs):
         model.train()
@@ -81,9 +88,9 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_set = load(cfg.data, "train", download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                     limit=cfg.limit_train)
+                     limit=cfg.limit_train, image_size=cfg.image_size)
     val_set = load(cfg.data, "val", download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                   limit=cfg.limit_val)
+                   limit=cfg.limit_val, image_size=cfg.image_size)
     print(f"data {cfg.data}: {len(train_set)} train, {len(val_set)} validation samples, "
           f"{len(train_set.class_names)} classes")
     model = build_model(cfg, len(train_set.class_names), tuple(train_set.images.shape[1:]))

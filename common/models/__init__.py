@@ -1,10 +1,10 @@
 """Backbones as ordered stages, exit heads, and the multi-exit network."""
-from common.models import resnet_cifar  # noqa: F401  (registers the ResNet entrypoints)
+from common.models import resnet_cifar, zoo  # noqa: F401  (register the backbone entrypoints)
 from common.models.exits import ExitHeadSpec, ImageNormalize, ModelSpec, MultiExitNet, build_exit_head
-from common.models.registry import build_backbone, list_backbones, register_backbone
+from common.models.registry import backbone_info, build_backbone, list_backbones, register_backbone
 from common.models.staged import StagedBackbone
 
 __all__ = [
     "ExitHeadSpec", "ImageNormalize", "ModelSpec", "MultiExitNet", "StagedBackbone",
-    "build_backbone", "build_exit_head", "list_backbones", "register_backbone",
+    "backbone_info", "build_backbone", "build_exit_head", "list_backbones", "register_backbone",
 ]

@@ -54,8 +54,9 @@ class ModelSpec:
     input_shape: tuple[int, int, int] = (3, 32, 32)
     exit_points: tuple[int, ...] = (2, 4)
     exit_head: ExitHeadSpec = ExitHeadSpec()
-    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+    # Per-channel normalisation of the [0, 1]-scaled input, one value per input channel (the device tier applies it).
+    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -101,8 +102,13 @@ class MultiExitNet(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
+        channels = spec.input_shape[0]
+        if not len(spec.mean) == len(spec.std) == channels:
+            raise ConfigError(f"input has {channels} channel(s) but the normalisation gives mean {list(spec.mean)} "
+                              f"and std {list(spec.std)}; give one value per channel")
         self.normalize = ImageNormalize(spec.mean, spec.std)
-        self.backbone: StagedBackbone = build_backbone(spec.architecture, num_classes=spec.num_classes, width=spec.width)
+        self.backbone: StagedBackbone = build_backbone(spec.architecture, num_classes=spec.num_classes,
+                                                       width=spec.width, in_channels=channels)
         n = len(self.backbone.stages)
         points = list(spec.exit_points)
         if points != sorted(set(points)) or not all(1 <= p < n for p in points):

@@ -14,6 +14,9 @@ class StagedBackbone(nn.Module):
     output of ``stages[k-1]`` (``1 <= k <= n``).
     """
 
+    # True when the stages keep the parameter names of a model they were cut from (``common.models.convert``).
+    source_names = False
+
     def __init__(self, stages: list[tuple[str, nn.Module]], classifier: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.stage_names = [name for name, _ in stages]
@@ -32,7 +35,7 @@ class StagedBackbone(nn.Module):
 
         Runs a meta-device copy, so it costs no real memory or compute whatever the model size.
         """
-        meta = copy.deepcopy(self).to("meta")
+        meta = copy.deepcopy(self).to("meta").eval()  # batch of one: BatchNorm must not need batch statistics
         x = torch.empty((1, *input_shape), device="meta")
         shapes = []
         for stage in meta.stages:
