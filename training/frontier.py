@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.bundle import find_tier_folders, load_tier_bundle
-from common.cli import positive_int, run
+from common.cli import add_data_args, positive_int, run
 from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict
 from common.local import all_exit_logits, bundle_costs
 from training.calibrate import Thresholdable, cascade, policy_family
@@ -131,9 +131,7 @@ def plot(result: dict, path: Path) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.frontier", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
-    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
-    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
-    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
+    add_data_args(p)
     p.add_argument("--points", type=positive_int, default=41, help="thresholds per policy (default 41)")
     p.add_argument("--out", type=Path, required=True, help="folder for frontier.json and frontier.png")
     return p
