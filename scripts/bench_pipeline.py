@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.baselines import (Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime)
 from common.bundle import find_tier_folders, load_tier_bundle
@@ -34,6 +36,7 @@ from common.gates import ConstantGate
 from common.link import parse_link
 from common.local import LocalLink, load_local_chain
 from common.rpc import NextTierClient
+from common.runtime import Batch
 from common.tensor_codecs import ELEMENT_CODECS, FLOAT32, WireCodec, link_args
 from scripts.launch_local import LocalDeployment
 
@@ -90,19 +93,33 @@ def warm_up(forward, images, model_id, batch_size) -> None:
     feed(forward, images[:2 * batch_size], model_id, batch_size, "warmup")
 
 
-def throughput(forward, images, model_id, batch_size) -> float:
-    _, wall = feed(forward, images, model_id, batch_size, "timed")
-    return len(images) / wall
+def throughput(forward, images, model_id, batch_size, inflight: int = 1) -> float:
+    """Samples per second over ``images``; ``inflight`` > 1 keeps that many requests outstanding at once, so the
+    tiers of a pipeline work on different batches at the same time."""
+    if inflight == 1:
+        _, wall = feed(forward, images, model_id, batch_size, "timed")
+        return len(images) / wall
+    batches = [Batch(f"timed-{i}", model_id, list(range(lo, min(lo + batch_size, len(images)))),
+                     images[lo:lo + batch_size]) for i, lo in enumerate(range(0, len(images), batch_size))]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(inflight) as pool:
+        answered = sum(len(f.answer.predictions) for f in pool.map(forward, batches))
+    return answered / (time.perf_counter() - start)
 
 
-def measure_overhead(bundle_root, bundles, data, batch_size, rounds: int = 3) -> dict:
+def measure_overhead(bundle_root, bundles, data, batch_size, rounds: int = 3, threads: int | None = None,
+                     inflight: int = 2) -> dict:
     """Alternate in-process and distributed passes and compare the best of each: on a shared machine the best
-    pass is the one least disturbed by other work, so it is the fairest estimate of each system's own cost."""
+    pass is the one least disturbed by other work, so it is the fairest estimate of each system's own cost.
+
+    Both run one batch at a time; the three-process pipeline is also measured with ``inflight`` requests
+    outstanding (``pipelined``), so that its tiers can work on different batches at once."""
     first, _ = load_local_chain(bundle_root)
     model_id = bundles[0].model_id
     local = LocalLink(first)
-    runs: dict[str, list[float]] = {"in_process": [], "distributed": []}
-    with LocalDeployment(bundle_root) as dep:
+    runs: dict[str, list[float]] = {"in_process": [], "distributed": [], "pipelined": []}
+    extra = {t: ["--threads", str(threads)] for t in (b.tier for b in bundles)} if threads else {}
+    with LocalDeployment(bundle_root, extra_args=extra) as dep:
         client = NextTierClient(dep.device_address, timeout_s=120)
         try:
             warm_up(local, data.images, model_id, batch_size)
@@ -110,13 +127,17 @@ def measure_overhead(bundle_root, bundles, data, batch_size, rounds: int = 3) ->
             for _ in range(rounds):
                 runs["in_process"].append(throughput(local, data.images, model_id, batch_size))
                 runs["distributed"].append(throughput(client, data.images, model_id, batch_size))
+                runs["pipelined"].append(throughput(client, data.images, model_id, batch_size, inflight))
         finally:
             client.close()
     best = {k: max(v) for k, v in runs.items()}
     return {"batch_size": batch_size, "codec": "float32", "samples": len(data.images), "rounds": rounds,
+            "torch_threads_per_process": threads or torch.get_num_threads(),
             "in_process_samples_per_s": round(best["in_process"], 1),
             "distributed_samples_per_s": round(best["distributed"], 1),
             "distributed_over_in_process": round(best["distributed"] / best["in_process"], 3),
+            "pipelined_requests_in_flight": inflight,
+            "pipelined_over_in_process": round(best["pipelined"] / best["in_process"], 3),
             "all_passes_samples_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()}}
 
 
@@ -142,7 +163,8 @@ def measure_codecs(bundles, data, batch_size, tiers, link_names) -> dict:
     return rows
 
 
-def measure_baselines(bundle_root, bundles, data, batch_size, tiers, link_names, link_spec, scales) -> dict:
+def measure_baselines(bundle_root, bundles, data, batch_size, tiers, link_names, link_spec, scales,
+                      threads: int | None = None) -> dict:
     link = parse_link(link_spec)
     n = len(bundles)
     full = bundles[0].manifest["flops"]["full_network"]
@@ -175,7 +197,7 @@ def measure_baselines(bundle_root, bundles, data, batch_size, tiers, link_names,
         rows[name]["latency_breakdown_ms"] = {k: v["mean"] for k, v in report["latency_breakdown_ms"].items()}
     # The same split, served by three real processes with the link and compute flags on each tier.
     extra = {t: link_args(FLOAT32, link if k < n - 1 else None) + ["--compute-scale", str(scales[k])]
-             for k, t in enumerate(tiers)}
+             + (["--threads", str(threads)] if threads else []) for k, t in enumerate(tiers)}
     with LocalDeployment(bundle_root, extra_args=extra) as dep:
         client = NextTierClient(dep.device_address, timeout_s=300)
         try:
@@ -234,6 +256,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per request (default 64)")
     p.add_argument("--links", nargs="+", default=["10mbit,20ms", "100mbit,5ms"],
                    help="link settings (RATE,RTT) for the baselines; each applies to every link")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads of this process and of every tier process (default 1: three processes of "
+                        "two threads each oversubscribe a 2-core machine)")
     p.add_argument("--compute-scale", default="device=4,edge=2,cloud=1",
                    help="compute profile per tier for the baselines (TIER=S,...)")
     return p
@@ -243,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for spec in args.links:
         parse_link(spec)  # fail before any work
     start = time.perf_counter()
@@ -258,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
               "samples": len(data.images), "batch_size": args.batch_size,
               "compute_scale": dict(zip(tiers, scales)), "links": args.links,
               "link_model": "delay = RTT + (request bytes + reply bytes) * 8 / rate, per exchange, every link"}
-    result["serving_overhead"] = measure_overhead(root, bundles, data, args.batch_size)
+    result["serving_overhead"] = measure_overhead(root, bundles, data, args.batch_size, threads=args.threads)
     print("serving overhead:", json.dumps(result["serving_overhead"]), flush=True)
     result["codecs"] = measure_codecs(bundles, data, args.batch_size, tiers, link_names)
     for name, row in result["codecs"].items():
         print(f"codec {name:>18}: accuracy {row['accuracy']:.4f}  bytes/sample {row['bytes_per_sample']}", flush=True)
     result["baselines"] = {}
     for spec in args.links:
-        rows = measure_baselines(root, bundles, data, args.batch_size, tiers, link_names, spec, scales)
+        rows = measure_baselines(root, bundles, data, args.batch_size, tiers, link_names, spec, scales, args.threads)
         result["baselines"][spec] = rows
         for name, row in rows.items():
             print(f"{spec:>12} {name:>28}: mean {row['latency_ms_mean']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms"
