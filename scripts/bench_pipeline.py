@@ -7,8 +7,8 @@ training and 256 test images; otherwise the demo's recipe and 2,000 images). The
 
 - ``serving_overhead``: throughput of the three tier processes (float32 links, no emulation) against the same
   bundles chained in one process, same batches; ``distributed_over_in_process`` is the ratio;
-- ``codecs``: every link codec, in process (the bytes are those of the very requests a tier would send): bytes per
-  sample on each link, accuracy, ``bytes_ratio_vs_float32``;
+- ``codecs``: every link codec, in process (the bytes are those of the very requests a tier would send), with
+  every sample sent across every link: bytes per sample on each link, accuracy, ``bytes_ratio_vs_float32``;
 - ``baselines``: per emulated link setting (every link of the deployment gets it) and the compute profiles
   (``--compute-scale device=4,edge=2,cloud=1`` by default): device-only, cloud-only raw / PNG / JPEG offload, the
   split without early exits, the split with early exits (float32 and int8 links, in process) and the split with
@@ -66,7 +66,7 @@ def train_small(out: Path, quick: bool) -> Path:
     from training.train import train
 
     if quick:  # seconds, not minutes: early exits trained just enough to decide something
-        cfg = TrainConfig(epochs=2, limit_train=4000, limit_val=1000, target_drop=3.0, epochs_gates=10)
+        cfg = TrainConfig(epochs=2, limit_train=4000, limit_val=1000, target_drop=2.0, epochs_gates=10)
     else:  # the demo's recipe
         cfg = TrainConfig()
     train(cfg, out / "train")
@@ -146,8 +146,10 @@ def measure_codecs(bundles, data, batch_size, tiers, link_names) -> dict:
     for compression in ("", "zlib"):
         for name in ELEMENT_CODECS:
             wire = WireCodec(name, compression)
-            chain = emulated_chain(bundles, [None] * len(bundles), [wire] * len(bundles), [None] * len(bundles),
-                                   [1.0] * len(bundles))
+            # Every sample crosses every link (no early exit), so each codec's bytes and its accuracy cost are
+            # those of the whole tensor and the final exit.
+            never = [NEVER] * (len(bundles) - 1) + [None]
+            chain = emulated_chain(bundles, never, [wire] * len(bundles), [None] * len(bundles), [1.0] * len(bundles))
             report, records = feed_and_report(Direct(chain), data.images, data.labels, bundles[0].model_id,
                                               batch_size, tiers, bundles[0].manifest["flops"]["full_network"])
             encode = report["latency_breakdown_ms"]["encode"]["mean"]
@@ -268,13 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     for spec in args.links:
         parse_link(spec)  # fail before any work
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    root = args.bundle or train_small(args.out, args.quick)
+    root = args.bundle or train_small(args.out, args.quick)  # trained with torch's own thread count
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
     tiers = [b.tier for b in bundles]
     scales = parse_scales(args.compute_scale, tiers)
