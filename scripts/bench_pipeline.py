@@ -14,7 +14,7 @@ training and 256 test images; otherwise the demo's recipe and 2,000 images). The
   split without early exits, the split with early exits (float32 and int8 links, in process) and the split with
   early exits served by three real processes.
 
-Writes ``DIR/bench.json`` and ``DIR/bench.png``.
+Writes ``DIR/bench.json`` and ``DIR/bench.png`` (``--sections`` measures a subset, JSON only).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from common.tensor_codecs import ELEMENT_CODECS, FLOAT32, WireCodec, link_args
 from scripts.launch_local import LocalDeployment
 
 NEVER = ConstantGate(False)
+SECTIONS = {"serving_overhead", "codecs", "baselines"}
 
 
 def parse_scales(text: str, tiers: list[str]) -> list[float]:
@@ -261,6 +262,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads of this process and of every tier process (default 1: three processes of "
                         "two threads each oversubscribe a 2-core machine)")
+    p.add_argument("--sections", default="serving_overhead,codecs,baselines",
+                   help="comma-separated parts to measure (default: all three)")
     p.add_argument("--compute-scale", default="device=4,edge=2,cloud=1",
                    help="compute profile per tier for the baselines (TIER=S,...)")
     return p
@@ -272,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     for spec in args.links:
         parse_link(spec)  # fail before any work
+    sections = set(filter(None, args.sections.split(",")))
+    if not sections or sections - SECTIONS:
+        raise ConfigError(f"--sections takes a comma-separated subset of {', '.join(sorted(SECTIONS))}")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     root = args.bundle or train_small(args.out, args.quick)  # trained with torch's own thread count
@@ -287,13 +293,16 @@ def main(argv: list[str] | None = None) -> int:
               "samples": len(data.images), "batch_size": args.batch_size,
               "compute_scale": dict(zip(tiers, scales)), "links": args.links,
               "link_model": "delay = RTT + (request bytes + reply bytes) * 8 / rate, per exchange, every link"}
-    result["serving_overhead"] = measure_overhead(root, bundles, data, args.batch_size, threads=args.threads)
-    print("serving overhead:", json.dumps(result["serving_overhead"]), flush=True)
-    result["codecs"] = measure_codecs(bundles, data, args.batch_size, tiers, link_names)
-    for name, row in result["codecs"].items():
-        print(f"codec {name:>18}: accuracy {row['accuracy']:.4f}  bytes/sample {row['bytes_per_sample']}", flush=True)
+    if "serving_overhead" in sections:
+        result["serving_overhead"] = measure_overhead(root, bundles, data, args.batch_size, threads=args.threads)
+        print("serving overhead:", json.dumps(result["serving_overhead"]), flush=True)
+    if "codecs" in sections:
+        result["codecs"] = measure_codecs(bundles, data, args.batch_size, tiers, link_names)
+        for name, row in result["codecs"].items():
+            print(f"codec {name:>18}: accuracy {row['accuracy']:.4f}  bytes/sample {row['bytes_per_sample']}",
+                  flush=True)
     result["baselines"] = {}
-    for spec in args.links:
+    for spec in args.links if "baselines" in sections else []:
         rows = measure_baselines(root, bundles, data, args.batch_size, tiers, link_names, spec, scales, args.threads)
         result["baselines"][spec] = rows
         for name, row in rows.items():
@@ -301,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"  bytes/sample {row['bytes_per_sample']:9.0f}  accuracy {row['accuracy']:.4f}", flush=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out / "bench.png")
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} in {result['seconds']:.0f} s")
+    written = [args.out / "bench.json"]
+    if sections == SECTIONS:
+        plot(result, args.out / "bench.png")
+        written.append(args.out / "bench.png")
+    print(f"wrote {' and '.join(map(str, written))} in {result['seconds']:.0f} s")
     return 0
 
 
