@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 
 from common import messages
 from common.errors import DownstreamError, RequestError
+from common.link import LinkModel
 from common.runtime import Batch, Forwarded, TierRuntime
+from common.tensor_codecs import FLOAT32, WireCodec
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
@@ -67,8 +69,7 @@ class TierServicer(pb_grpc.TierServicer):
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
         try:
-            batch = messages.batch_from_request(request)
-            answer = self.runtime.process(batch, bytes_received=request.ByteSize())
+            answer = messages.answer_request(self.runtime, request)
         except RequestError as e:
             context.abort(_CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
         except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
@@ -131,24 +132,43 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-class NextTierClient:
-    """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``."""
+def emulate_link(link: LinkModel | None, request_bytes: int, reply_bytes: int) -> float:
+    """Sleep the emulated delay of one exchange on ``link`` (nothing without one); return it in ms."""
+    if link is None:
+        return 0.0
+    delay = link.delay_s(request_bytes, reply_bytes)
+    time.sleep(delay)
+    return delay * 1e3
 
-    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+
+class NextTierClient:
+    """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``.
+
+    ``wire`` is the codec of the tensors sent on this link; ``link``, when given, is an emulated link whose delay
+    for the actual request and reply sizes is slept after each call (see ``common.link``).
+    """
+
+    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 wire: WireCodec = FLOAT32, link: LinkModel | None = None):
         self.target = target
         self.timeout_s = timeout_s
+        self.wire, self.link = wire, link
         self.channel = grpc.insecure_channel(target, options=grpc_options(max_message_bytes))
         self.stub = pb_grpc.TierStub(self.channel)
 
     def __call__(self, batch: Batch) -> Forwarded:
-        request = messages.request_from_batch(batch)
+        start = time.perf_counter()
+        request = messages.request_from_batch(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
             reply = self.stub.Infer(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
-        return Forwarded(messages.answer_from_reply(reply), request.ByteSize())
+        size = request.ByteSize()
+        link_ms = emulate_link(self.link, size, reply.ByteSize())
+        return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
 
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""

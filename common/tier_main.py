@@ -21,6 +21,8 @@ from common.bundle import load_tier_bundle
 from common.cli import address, positive_int
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
+from common.link import parse_link
+from common.tensor_codecs import add_codec_args, parse_wire_codec
 from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, message_limit, set_serving
 from common.runtime import TierRuntime
@@ -61,13 +63,26 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the next tier's answer")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain in-flight requests on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
+    add_link_args(p)
     add_plugin_arg(p)
     return p
+
+
+def add_link_args(p: argparse.ArgumentParser) -> None:
+    """Communication against computation: the outgoing link's codec and emulated network, the compute profile."""
+    add_codec_args(p)
+    p.add_argument("--link", default=None, help="emulate the outgoing link as RATE,RTT, e.g. 10mbit,20ms")
+    p.add_argument("--compute-scale", type=float, default=1.0,
+                   help="stretch this tier's compute to S x its measured time (emulate a slower machine)")
 
 
 def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
     die_with_parent()
+    wire = parse_wire_codec(args.codec, args.compress)
+    link = parse_link(args.link) if args.link else None
+    if not 0 < args.compute_scale < math.inf:
+        raise ConfigError(f"--compute-scale must be a positive number, got {args.compute_scale}")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tier} %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,8 +104,9 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     in_bytes = itemsize_in * math.prod(m["input"]["shape"])
     out_bytes = 4 * math.prod(m["output_shape"])
     limit = message_limit(in_bytes, out_bytes, args.max_batch)
-    forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
-    runtime = TierRuntime(spec, bundle.segment, gate, forward)
+    forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit, wire=wire,
+                             link=link) if args.next else None
+    runtime = TierRuntime(spec, bundle.segment, gate, forward, compute_scale=args.compute_scale)
     kind, g = runtime.gate.kind, scalar_params(runtime.gate)
     description = describe_tier(m, kind, g, args.next or "", policy,
                                 {} if args.gate or spec.is_last else bundle.calibration(policy))
