@@ -152,7 +152,7 @@ class _Backbone(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.backbone(self.model.normalize(images))
+        return self.model.final_logits(images)
 
 
 def read_manifest(folder: Path) -> dict:

@@ -19,17 +19,28 @@ TIER_NAMES = ("device", "edge", "cloud")
 
 
 class Segment(nn.Module):
-    """Stages of one tier plus the exit head at its end. ``forward`` returns ``(features, exit_logits)``."""
+    """Stages of one tier plus the exit head at its end. ``forward`` returns ``(features to send, exit_logits)``.
 
-    def __init__(self, stages: list[nn.Module], head: nn.Module, preprocess: nn.Module | None = None) -> None:
+    ``preprocess`` runs on what the tier receives (input normalisation on the device, a bottleneck's decoder on the
+    tier after it) and ``encode`` on what it sends (a bottleneck's encoder); the exit head reads the features
+    before ``encode``.
+    """
+
+    def __init__(self, stages: list[nn.Module], head: nn.Module, preprocess: nn.Module | None = None,
+                 encode: nn.Module | None = None) -> None:
         super().__init__()
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
         self.stages = nn.Sequential(*stages)
+        self.encode = encode if encode is not None else nn.Identity()
         self.head = head
+
+    def body(self, x: Tensor) -> Tensor:
+        """What the tier sends on: preprocess, stages, encode (no exit head)."""
+        return self.encode(self.stages(self.preprocess(x)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.stages(self.preprocess(x))
-        return features, self.head(features)
+        return self.encode(features), self.head(features)
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,11 @@ def build_segment(model: MultiExitNet, plan: SegmentPlan) -> Segment:
     """The segment of ``model`` described by ``plan``, sharing the model's modules (no copy)."""
     stages = list(model.backbone.stages[plan.start:plan.end])
     head = model.backbone.classifier if plan.is_last else model.exits[plan.exit_index]
-    return Segment(stages, head, preprocess=model.normalize if plan.index == 0 else None)
+    bottleneck = model.bottleneck_encoder is not None
+    preprocess = model.normalize if plan.index == 0 else model.bottleneck_decoder if plan.index == 1 and bottleneck \
+        else None
+    encode = model.bottleneck_encoder if plan.index == 0 and bottleneck else None
+    return Segment(stages, head, preprocess=preprocess, encode=encode)
 
 
 def split_model(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> list[Segment]:
@@ -102,4 +117,4 @@ class _StagesOnly(nn.Module):
         self.segment = segment
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.segment.stages(self.segment.preprocess(x))
+        return self.segment.body(x)

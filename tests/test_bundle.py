@@ -110,3 +110,32 @@ def test_malformed_manifests_are_config_errors(exported, mutate, words):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=words):
         load_tier_bundle(exported / "device")
+
+
+def test_a_learned_bottleneck_travels_on_the_first_link(tmp_path):
+    """The device sends the encoded features, the edge decodes them: served segments still equal the model, the
+    link carries the bottleneck's shape, and the FLOPs still add up to the whole network's."""
+    from common.models import BottleneckSpec, MultiExitNet
+    from tests.conftest import tiny_spec
+
+    torch.manual_seed(0)
+    model = MultiExitNet(tiny_spec(bottleneck=BottleneckSpec(channels=2, stride=2)))
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8))
+    model.eval()
+    export_bundles(model, GATES, tmp_path, [f"c{i}" for i in range(10)])
+    bundles = [load_tier_bundle(f) for f in find_tier_folders(tmp_path)]
+    first_features = model.backbone.feature_shapes(model.spec.input_shape)[model.spec.exit_points[0] - 1]
+    assert bundles[0].manifest["output_shape"] == [2, first_features[1] // 2, first_features[2] // 2]
+    assert bundles[1].manifest["input"]["shape"] == bundles[0].manifest["output_shape"]
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        want = model(x)
+        h, got = x, []
+        for b in bundles:
+            h, logits = b.segment(h)
+            got.append(logits)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    m = [b.manifest for b in bundles]
+    assert sum(t["flops"]["segment"] for t in m) + m[2]["flops"]["head"] == m[0]["flops"]["full_network"]

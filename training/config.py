@@ -29,6 +29,9 @@ class TrainConfig:
     exit_conv_channels: int = field(default=0, metadata={"help": "channels of a 3x3 conv in the exit heads (0 = "
                                                                  "none: global pool + linear)"})
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
+    bottleneck_channels: int = field(default=0, metadata={
+        "help": "learned bottleneck on the device->edge link: channels the device sends (0 = none)"})
+    bottleneck_stride: int = field(default=1, metadata={"help": "bottleneck: spatial downsampling of what is sent"})
     # Optimisation
     mode: str = field(default="joint", metadata={"help": "joint (weighted sum of exit losses) or staged"})
     epochs: int = field(default=3, metadata={"help": "joint mode: epochs over the training data"})
@@ -70,6 +73,9 @@ class TrainConfig:
             self.exit_points = list(backbone_info(self.architecture).exit_points)
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.bottleneck_channels < 0 or self.bottleneck_stride < 1:
+            raise ValueError("bottleneck_channels must be >= 0 and bottleneck_stride >= 1, got "
+                             f"{self.bottleneck_channels} and {self.bottleneck_stride}")
         if self.mode not in ("joint", "staged"):
             raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
         if self.augment not in ("auto", "none", "crop_flip"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.cli import run
 from common.config import add_config_args, resolve_config, save_config
-from common.models import ExitHeadSpec, ModelSpec, MultiExitNet
+from common.models import BottleneckSpec, ExitHeadSpec, ModelSpec, MultiExitNet
 from common.models.convert import load_pretrained
 from common.split import cost_table
 from training import checkpoint
@@ -38,6 +38,7 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int,
         architecture=cfg.architecture, num_classes=num_classes, width=cfg.width, input_shape=input_shape,
         exit_points=tuple(cfg.exit_points), mean=mean, std=std,
         exit_head=ExitHeadSpec(conv_channels=cfg.exit_conv_channels, conv_stride=cfg.exit_conv_stride),
+        bottleneck=BottleneckSpec(channels=cfg.bottleneck_channels, stride=cfg.bottleneck_stride),
     )
     model = MultiExitNet(spec)
     if cfg.pretrained:

@@ -1,10 +1,11 @@
 """Backbones as ordered stages, exit heads, and the multi-exit network."""
 from common.models import resnet_cifar, zoo  # noqa: F401  (register the backbone entrypoints)
-from common.models.exits import ExitHeadSpec, ImageNormalize, ModelSpec, MultiExitNet, build_exit_head
+from common.models.exits import (BottleneckSpec, ExitHeadSpec, ImageNormalize, ModelSpec, MultiExitNet,
+                                 build_exit_head)
 from common.models.registry import backbone_info, build_backbone, list_backbones, register_backbone
 from common.models.staged import StagedBackbone
 
 __all__ = [
-    "ExitHeadSpec", "ImageNormalize", "ModelSpec", "MultiExitNet", "StagedBackbone",
+    "BottleneckSpec", "ExitHeadSpec", "ImageNormalize", "ModelSpec", "MultiExitNet", "StagedBackbone",
     "backbone_info", "build_backbone", "build_exit_head", "list_backbones", "register_backbone",
 ]

@@ -45,6 +45,41 @@ def build_exit_head(feature_shape: tuple[int, ...], num_classes: int, spec: Exit
 
 
 @dataclass(frozen=True)
+class BottleneckSpec:
+    """A learned bottleneck on the device→edge link (after the first exit point): the device encodes its features
+    into ``channels`` maps at ``1/stride`` of their resolution (3x3 conv + BN), the edge decodes them back (nearest
+    upsampling, 3x3 conv + BN + ReLU). ``channels`` 0 means none. Trained with everything else."""
+
+    channels: int = 0
+    stride: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BottleneckSpec":
+        unknown = set(d) - {"channels", "stride"}
+        if unknown:
+            raise ConfigError(f"unknown bottleneck keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def build_bottleneck(feature_shape: tuple[int, ...], spec: BottleneckSpec) -> tuple[nn.Module, nn.Module]:
+    """``(encoder, decoder)`` for features of per-sample shape ``(C, H, W)``; the decoder restores that shape."""
+    channels, height, width = feature_shape[0], feature_shape[-2], feature_shape[-1]
+    if spec.channels < 1 or spec.stride < 1:
+        raise ConfigError(f"a bottleneck needs channels >= 1 and stride >= 1, got {spec}")
+    if height % spec.stride or width % spec.stride:
+        raise ConfigError(f"bottleneck stride {spec.stride} does not divide the {height}x{width} features")
+    encoder = nn.Sequential(nn.Conv2d(channels, spec.channels, 3, stride=spec.stride, padding=1, bias=False),
+                            nn.BatchNorm2d(spec.channels))
+    decoder = nn.Sequential(nn.Upsample(scale_factor=spec.stride, mode="nearest") if spec.stride > 1 else nn.Identity(),
+                            nn.Conv2d(spec.channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                            nn.ReLU())
+    return encoder, decoder
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild the multi-exit network's structure (weights travel separately)."""
 
@@ -54,6 +89,7 @@ class ModelSpec:
     input_shape: tuple[int, int, int] = (3, 32, 32)
     exit_points: tuple[int, ...] = (2, 4)
     exit_head: ExitHeadSpec = ExitHeadSpec()
+    bottleneck: BottleneckSpec = BottleneckSpec()
     # Per-channel normalisation of the [0, 1]-scaled input, one value per input channel (the device tier applies it).
     mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
@@ -74,6 +110,8 @@ class ModelSpec:
             raise ConfigError(f"unknown model spec keys: {sorted(unknown)}")
         if "exit_head" in d:
             d["exit_head"] = ExitHeadSpec.from_dict(d["exit_head"])
+        if "bottleneck" in d:
+            d["bottleneck"] = BottleneckSpec.from_dict(d["bottleneck"])
         for key in ("input_shape", "exit_points", "mean", "std"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -117,10 +155,20 @@ class MultiExitNet(nn.Module):
         self.exits = nn.ModuleList(
             build_exit_head(shapes[p - 1], spec.num_classes, spec.exit_head) for p in points
         )
+        self.bottleneck_encoder: nn.Module | None = None
+        self.bottleneck_decoder: nn.Module | None = None
+        if spec.bottleneck.channels:
+            self.bottleneck_encoder, self.bottleneck_decoder = build_bottleneck(shapes[points[0] - 1], spec.bottleneck)
 
     @property
     def num_exits(self) -> int:
         return len(self.exits) + 1
+
+    def _cross_link(self, k: int, x: Tensor) -> Tensor:
+        """Features after stage boundary ``k`` as the next stage sees them: through the bottleneck on its link."""
+        if self.bottleneck_encoder is not None and k == self.spec.exit_points[0]:
+            return self.bottleneck_decoder(self.bottleneck_encoder(x))
+        return x
 
     def forward(self, images: Tensor) -> list[Tensor]:
         x = self.normalize(images)
@@ -130,5 +178,13 @@ class MultiExitNet(nn.Module):
             x = stage(x)
             if k in heads:
                 outputs.append(heads[k](x))
+            x = self._cross_link(k, x)
         outputs.append(self.backbone.classifier(x))
         return outputs
+
+    def final_logits(self, images: Tensor) -> Tensor:
+        """The network without its early exit heads (what the whole network's FLOPs count)."""
+        x = self.normalize(images)
+        for k, stage in enumerate(self.backbone.stages, start=1):
+            x = self._cross_link(k, stage(x))
+        return self.backbone.classifier(x)
