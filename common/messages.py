@@ -29,7 +29,7 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
         predictions=[
             pb.Prediction(
                 sample_id=p.sample_id, label=p.label, confidence=p.confidence,
-                exit_tier=p.exit_tier, exit_index=p.exit_index,
+                exit_tier=p.exit_tier, exit_index=p.exit_index, degraded=p.degraded,
             )
             for p in answer.predictions
         ],
@@ -37,6 +37,7 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
             pb.HopTrace(
                 tier=h.tier, samples_in=h.samples_in, samples_exited=h.samples_exited, compute_ms=h.compute_ms,
                 bytes_received=h.bytes_received, bytes_sent=h.bytes_sent, forward_ms=h.forward_ms, flops=h.flops,
+                samples_degraded=h.samples_degraded, downstream_error=h.downstream_error,
             )
             for h in answer.trace
         ],
@@ -46,10 +47,11 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
 def answer_from_reply(reply: pb.InferReply) -> Answer:
     return Answer(
         reply.request_id,
-        [Prediction(p.sample_id, p.label, p.confidence, p.exit_tier, p.exit_index) for p in reply.predictions],
+        [Prediction(p.sample_id, p.label, p.confidence, p.exit_tier, p.exit_index, p.degraded)
+         for p in reply.predictions],
         [
             Hop(h.tier, h.samples_in, h.samples_exited, h.compute_ms, h.bytes_received, h.bytes_sent,
-                h.forward_ms, h.flops)
+                h.forward_ms, h.flops, h.samples_degraded, h.downstream_error)
             for h in reply.trace
         ],
     )

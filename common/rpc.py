@@ -35,6 +35,65 @@ def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tup
     ]
 
 
+# Keepalive: a peer that vanished without closing the connection (a cut cable, a frozen host) is noticed within
+# KEEPALIVE_TIME + KEEPALIVE_TIMEOUT instead of at the next request's deadline. Servers accept pings that often.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+# Bounded retries of UNAVAILABLE with exponential backoff (Infer is a pure function of its request, so replaying it
+# is safe). gRPC applies this policy itself; the replay buffer is sized by grpc.per_rpc_retry_buffer_size.
+RETRY_POLICY = {
+    "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# Reconnect to a restarted next tier within about a second, not after gRPC's default backoff of up to 2 minutes.
+MAX_RECONNECT_BACKOFF_MS = 1_000
+# What a hop keeps of its caller's remaining time for itself when it forwards: enough to answer (degraded if need
+# be) before the caller gives up. A share of the budget, bounded to [MIN, MAX] seconds.
+DEADLINE_MARGIN_SHARE, DEADLINE_MARGIN_MIN_S, DEADLINE_MARGIN_MAX_S = 0.1, 0.02, 0.5
+NO_DEADLINE_S = 1e7  # gRPC reports "no deadline" as a remaining time of centuries
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    """Options of a channel to a tier: message limits, the retry policy, keepalive and a short reconnect backoff."""
+    config = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    """Options of a tier's server: message limits, and client keepalive pings at our channels' rate allowed."""
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+        # SO_REUSEPORT off: a second tier started on a busy port must fail, not silently share its traffic.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def forward_timeout(deadline: float | None, cap_s: float, now: float) -> float:
+    """Seconds the next hop may take: the caller's remaining budget less a margin for our own answer, at most
+    ``cap_s``; 0 or less means there is no time left to forward at all."""
+    if deadline is None:
+        return cap_s
+    remaining = deadline - now
+    margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_MIN_S, DEADLINE_MARGIN_SHARE * remaining))
+    return min(cap_s, remaining - margin)
+
+
 def message_limit(input_bytes_per_sample: int, output_bytes_per_sample: int, max_batch: int) -> int:
     """A message limit that admits the largest legitimate request of a tier, with room for ids and framing."""
     per_sample = max(input_bytes_per_sample, output_bytes_per_sample) + 16
@@ -68,6 +127,9 @@ class TierServicer(pb_grpc.TierServicer):
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
         try:
             batch = messages.batch_from_request(request)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < NO_DEADLINE_S:
+                batch.deadline = time.monotonic() + remaining
             answer = self.runtime.process(batch, bytes_received=request.ByteSize())
         except RequestError as e:
             context.abort(_CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
@@ -105,8 +167,7 @@ def create_server(
     """
     # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
     # ever more large requests in memory.
-    # SO_REUSEPORT off: a second tier started on a busy port must fail, not silently share its traffic.
-    options = [*grpc_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    options = server_options(max_message_bytes)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          maximum_concurrent_rpcs=2 * max_workers)
     pb_grpc.add_TierServicer_to_server(servicer, server)
@@ -132,19 +193,27 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
 
 
 class NextTierClient:
-    """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``."""
+    """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``.
+
+    Each call's deadline is the batch's remaining budget less a margin (``forward_timeout``), at most ``timeout_s``;
+    UNAVAILABLE is retried by gRPC per ``RETRY_POLICY``. A batch with no time left is not sent at all.
+    """
 
     def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=grpc_options(max_message_bytes))
+        self.channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
         self.stub = pb_grpc.TierStub(self.channel)
 
     def __call__(self, batch: Batch) -> Forwarded:
+        timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
+        if timeout <= 0:
+            raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
+                                  "UNAVAILABLE")
         request = messages.request_from_batch(batch)
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
-            reply = self.stub.Infer(request, timeout=self.timeout_s)
+            reply = self.stub.Infer(request, timeout=timeout)
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None

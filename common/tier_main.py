@@ -23,7 +23,7 @@ from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
 from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, message_limit, set_serving
-from common.runtime import TierRuntime
+from common.runtime import ON_DOWNSTREAM_FAILURE, TierRuntime
 
 log = logging.getLogger("splitexit.tier")
 PARENT_PID_ENV = "SPLITEXIT_PARENT_PID"
@@ -58,7 +58,11 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=512, help="largest batch a request may carry")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the next tier's answer")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the next tier's answer at most (less when the caller's deadline is nearer)")
+    p.add_argument("--on-downstream-failure", choices=ON_DOWNSTREAM_FAILURE, default="degrade",
+                   help="when the next tier is unreachable or out of time: answer with this tier's exit, marked "
+                        "degraded (default), or fail the request with UNAVAILABLE")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain in-flight requests on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
     add_plugin_arg(p)
@@ -90,7 +94,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     out_bytes = 4 * math.prod(m["output_shape"])
     limit = message_limit(in_bytes, out_bytes, args.max_batch)
     forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
-    runtime = TierRuntime(spec, bundle.segment, gate, forward)
+    runtime = TierRuntime(spec, bundle.segment, gate, forward, args.on_downstream_failure)
     kind, g = runtime.gate.kind, scalar_params(runtime.gate)
     description = describe_tier(m, kind, g, args.next or "", policy,
                                 {} if args.gate or spec.is_last else bundle.calibration(policy))
