@@ -28,6 +28,16 @@ def positive_int(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
 def tier_gates(values: list[str] | None) -> dict:
     """Parse repeated ``TIER=SPEC`` gate overrides (``device=confidence:0.9``) into ``{tier: Gate}``."""
     from common.gates import parse_gate

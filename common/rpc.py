@@ -22,6 +22,7 @@ from proto import splitexit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitexit.rpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tier"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)  # the whole server and the Tier service report the same status
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -118,13 +119,16 @@ _DOWNSTREAM = {
 
 
 class TierServicer(pb_grpc.TierServicer):
-    """Adapts a ``TierRuntime`` to the ``Tier`` service."""
+    """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
+    call is answered UNAVAILABLE, which callers retry."""
 
-    def __init__(self, runtime: TierRuntime, description: pb.TierDescription) -> None:
+    def __init__(self, runtime: TierRuntime | None, description: pb.TierDescription | None) -> None:
         self.runtime = runtime
         self.description = description
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
+        if self.runtime is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         try:
             batch = messages.batch_from_request(request)
             remaining = context.time_remaining()
@@ -139,6 +143,8 @@ class TierServicer(pb_grpc.TierServicer):
         return messages.reply_from_answer(answer)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.TierDescription:
+        if self.description is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         return self.description
 
 
@@ -173,7 +179,7 @@ def create_server(
     pb_grpc.add_TierServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
@@ -188,7 +194,7 @@ def create_server(
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     """Report SERVING or NOT_SERVING for the whole server and for the Tier service."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         health_servicer.set(name, status)
 
 

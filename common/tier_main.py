@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from common.bundle import load_tier_bundle
-from common.cli import address, positive_int
+from common.bundle import load_tier_bundle, read_manifest
+from common.codec import DTYPES
+from common.health import NextTierWatcher, TierHealth
+from common.cli import address, positive_float, positive_int
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
 from common.plugins import add_plugin_arg, use_plugins
-from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, message_limit, set_serving
+from common.rpc import HEALTH_SERVICES, NextTierClient, TierServicer, create_server, describe_tier, message_limit
 from common.runtime import ON_DOWNSTREAM_FAILURE, TierRuntime
 
 log = logging.getLogger("splitexit.tier")
@@ -64,6 +66,8 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
                    help="when the next tier is unreachable or out of time: answer with this tier's exit, marked "
                         "degraded (default), or fail the request with UNAVAILABLE")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to drain in-flight requests on SIGTERM")
+    p.add_argument("--health-interval", type=positive_float, default=0.5,
+                   help="seconds between checks of the next tier's health (default 0.5)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
     add_plugin_arg(p)
     return p
@@ -77,44 +81,59 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     folder = args.bundle / tier if (args.bundle / tier / "manifest.json").is_file() else args.bundle
     use_plugins(args.plugin)
-    bundle = load_tier_bundle(folder)
-    if bundle.tier != tier:
-        raise ConfigError(f"{folder} is the {bundle.tier} bundle, not the {tier} bundle")
-    spec = bundle.tier_spec(max_batch=args.max_batch)
-    if spec.is_last and args.next:
+    m = read_manifest(folder)  # cheap: enough to size messages and to check the tier before serving
+    if m["tier"] != tier:
+        raise ConfigError(f"{folder} is the {m['tier']} bundle, not the {tier} bundle")
+    is_last = m["tier_index"] == len(m["tiers"]) - 1
+    if is_last and args.next:
         raise ConfigError(f"the {tier} tier is the last tier and takes no --next")
-    if not spec.is_last and not args.next:
+    if not is_last and not args.next:
         raise ConfigError(f"the {tier} tier forwards declined samples and needs --next HOST:PORT")
-    gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
-    policy = "command-line" if args.gate else args.policy or bundle.manifest.get("policy") or ""
-
-    m = bundle.manifest
-    itemsize_in = torch.empty((), dtype=spec.input_dtype).element_size()
+    itemsize_in = torch.empty((), dtype=DTYPES[m["input"]["dtype"]][0]).element_size()
     in_bytes = itemsize_in * math.prod(m["input"]["shape"])
     out_bytes = 4 * math.prod(m["output_shape"])
     limit = message_limit(in_bytes, out_bytes, args.max_batch)
-    forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
-    runtime = TierRuntime(spec, bundle.segment, gate, forward, args.on_downstream_failure)
-    kind, g = runtime.gate.kind, scalar_params(runtime.gate)
-    description = describe_tier(m, kind, g, args.next or "", policy,
-                                {} if args.gate or spec.is_last else bundle.calibration(policy))
-    server, port, health = create_server(TierServicer(runtime, description), args.listen, args.workers, limit)
+
+    # Serve health from the start: NOT_SERVING while the weights load, and Infer answers UNAVAILABLE meanwhile.
+    servicer = TierServicer(None, None)
+    server, port, health_servicer = create_server(servicer, args.listen, args.workers, limit)
+    health = TierHealth(health_servicer, HEALTH_SERVICES, has_next=not is_last)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # installed before serving: an early SIGTERM still drains
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    set_serving(health, True)
-    bound = f"{args.listen.rpartition(':')[0]}:{port}"
-    log.info("serving %s of model %s on %s (gate %s %s, next %s)", tier, spec.model_id, bound, kind, g, args.next)
-    if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(bound)
-        os.replace(tmp, args.ready_file)  # atomic: a reader never sees a half-written address
+    forward = watcher = None
+    try:
+        bundle = load_tier_bundle(folder)
+        spec = bundle.tier_spec(max_batch=args.max_batch)
+        gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
+        policy = "command-line" if args.gate else args.policy or m.get("policy") or ""
+        forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
+        runtime = TierRuntime(spec, bundle.segment, gate, forward, args.on_downstream_failure)
+        kind, g = runtime.gate.kind, scalar_params(runtime.gate)
+        servicer.description = describe_tier(m, kind, g, args.next or "", policy,
+                                             {} if args.gate or spec.is_last else bundle.calibration(policy))
+        servicer.runtime = runtime
+        health.update(loaded=True)
+        if forward is not None:
+            watcher = NextTierWatcher(forward.channel, lambda up: health.update(next_up=up),
+                                      args.health_interval).start()
+        bound = f"{args.listen.rpartition(':')[0]}:{port}"
+        log.info("serving %s of model %s on %s (gate %s %s, next %s)", tier, spec.model_id, bound, kind, g,
+                 args.next)
+        if args.ready_file:
+            tmp = args.ready_file.with_suffix(".tmp")
+            tmp.write_text(bound)
+            os.replace(tmp, args.ready_file)  # atomic: a reader never sees a half-written address
 
-    stop.wait()
-    log.info("stopping: draining in-flight requests for up to %.1f s", args.grace)
-    set_serving(health, False)
-    server.stop(args.grace).wait()
-    if forward is not None:
-        forward.close()
+        stop.wait()
+        log.info("stopping: NOT_SERVING, draining in-flight requests for up to %.1f s", args.grace)
+        health.update(draining=True)
+        server.stop(args.grace).wait()
+    finally:
+        server.stop(0)
+        if watcher is not None:
+            watcher.stop()
+        if forward is not None:
+            forward.close()
     return 0
