@@ -50,8 +50,12 @@ class TierHealth:
             self.servicer.set(name, status)
 
 
+SERVING, NOT_SERVING, UNREACHABLE = "serving", "not_serving", "unreachable"
+
+
 class NextTierWatcher:
-    """Polls the next tier's overall health on ``channel`` every ``interval_s`` and calls ``on_change(up)``.
+    """Polls the next tier's overall health on ``channel`` every ``interval_s``; calls ``on_change(state)`` with
+    ``SERVING``, ``NOT_SERVING`` (it answers but cannot serve fully, or is slow to answer) or ``UNREACHABLE``.
 
     Polling with ``Check`` (rather than a ``Watch`` stream) on the channel the tier forwards on also keeps that
     channel reconnecting to a restarted next tier, so normal answers resume within about one interval.
@@ -63,26 +67,27 @@ class NextTierWatcher:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="next-tier-health", daemon=True)
-        self.up: bool | None = None
+        self.state: str | None = None
 
     def start(self) -> "NextTierWatcher":
         self._thread.start()
         return self
 
-    def check(self) -> bool:
+    def check(self) -> str:
         try:
             reply = self.stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=max(1.0, self.interval_s))
         except grpc.RpcError as e:
-            # A next hop without a health service (a plain proxy, say) answered, so it is reachable: count it up.
-            return e.code() == grpc.StatusCode.UNIMPLEMENTED
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return SERVING  # a next hop without a health service (a plain proxy, say) answered: it is up
+            return UNREACHABLE if e.code() == grpc.StatusCode.UNAVAILABLE else NOT_SERVING
+        return SERVING if reply.status == health_pb2.HealthCheckResponse.SERVING else NOT_SERVING
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            up = self.check()
-            if up != self.up:
-                self.up = up
-                self.on_change(up)
+            state = self.check()
+            if state != self.state:
+                self.state = state
+                self.on_change(state)
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:

@@ -210,8 +210,12 @@ class NextTierClient:
         self.timeout_s = timeout_s
         self.channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
         self.stub = pb_grpc.TierStub(self.channel)
+        self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
     def __call__(self, batch: Batch) -> Forwarded:
+        if not self.reachable:
+            raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
+                                  "UNAVAILABLE")
         timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
         if timeout <= 0:
             raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",

@@ -19,7 +19,7 @@ import torch
 
 from common.bundle import load_tier_bundle, read_manifest
 from common.codec import DTYPES
-from common.health import NextTierWatcher, TierHealth
+from common.health import SERVING, UNREACHABLE, NextTierWatcher, TierHealth
 from common.cli import address, positive_float, positive_int
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
@@ -73,6 +73,14 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     return p
 
 
+def on_next_tier(state: str, health: TierHealth, forward: NextTierClient) -> None:
+    """Follow the next tier's health: ours is SERVING only while it is; while it cannot even be reached, answer
+    degraded at once instead of paying connection attempts and retries on every request."""
+    log.info("next tier %s is %s", forward.target, state)
+    health.update(next_up=state == SERVING)
+    forward.reachable = state != UNREACHABLE
+
+
 def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
     die_with_parent()
@@ -116,7 +124,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         servicer.runtime = runtime
         health.update(loaded=True)
         if forward is not None:
-            watcher = NextTierWatcher(forward.channel, lambda up: health.update(next_up=up),
+            watcher = NextTierWatcher(forward.channel, lambda state: on_next_tier(state, health, forward),
                                       args.health_interval).start()
         bound = f"{args.listen.rpartition(':')[0]}:{port}"
         log.info("serving %s of model %s on %s (gate %s %s, next %s)", tier, spec.model_id, bound, kind, g,

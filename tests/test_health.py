@@ -60,13 +60,16 @@ def test_the_watcher_follows_the_next_tier_down_and_back_up():
     h = TierHealth(servicer, HEALTH_SERVICES, has_next=True)
     h.update(loaded=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    watcher = NextTierWatcher(channel, lambda up: h.update(next_up=up), interval_s=0.1).start()
+    states = []
+    watcher = NextTierWatcher(channel, lambda state: (states.append(state), h.update(next_up=state == "serving")),
+                              interval_s=0.1).start()
     try:
         _wait_for(lambda: _status(servicer) == SERVING)
         cloud.stop(0).wait()
         _wait_for(lambda: _status(servicer) == NOT_SERVING)
         cloud, _ = _start_cloud(f"127.0.0.1:{port}")  # restarted on the same address
         assert _wait_for(lambda: _status(servicer) == SERVING) < 4.0
+        assert states == ["serving", "unreachable", "serving"]
     finally:
         watcher.stop()
         channel.close()
