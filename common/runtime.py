@@ -72,6 +72,7 @@ class Forwarded:
 
 Forward = Callable[[Batch], Forwarded]
 ON_DOWNSTREAM_FAILURE = ("degrade", "fail")
+MAX_REQUEST_ID = 256
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class TierRuntime:
     def validate(self, batch: Batch) -> None:
         """Raise ``InvalidRequest`` / ``PreconditionFailed`` when ``batch`` cannot be served by this tier."""
         s = self.spec
+        if len(batch.request_id) > MAX_REQUEST_ID:  # ids end up in logs and traces: keep them short
+            raise InvalidRequest(f"request id of {len(batch.request_id)} characters; the limit is {MAX_REQUEST_ID}")
         if batch.model_id != s.model_id:
             raise PreconditionFailed(f"model id {batch.model_id!r} does not match this tier's model {s.model_id!r}")
         n = len(batch.sample_ids)
