@@ -38,6 +38,16 @@ def positive_float(value: str) -> float:
     return x
 
 
+def non_negative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return x
+
+
 def tier_gates(values: list[str] | None) -> dict:
     """Parse repeated ``TIER=SPEC`` gate overrides (``device=confidence:0.9``) into ``{tier: Gate}``."""
     from common.gates import parse_gate

@@ -20,7 +20,8 @@ import torch
 from common.bundle import load_tier_bundle, read_manifest
 from common.codec import DTYPES
 from common.health import SERVING, UNREACHABLE, NextTierWatcher, TierHealth
-from common.cli import address, positive_float, positive_int
+from common.batching import DynamicBatcher
+from common.cli import address, non_negative_float, positive_float, positive_int
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
 from common.plugins import add_plugin_arg, use_plugins
@@ -58,6 +59,11 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--gate", default=None,
                    help="override the gate: confidence:T, entropy:T, margin:T, always or never")
     p.add_argument("--max-batch", type=positive_int, default=512, help="largest batch a request may carry")
+    p.add_argument("--max-queue-delay-ms", type=non_negative_float, default=0.0,
+                   help="dynamic batching: wait up to this long to coalesce concurrent requests into one batch of "
+                        "at most --max-batch samples (default 0 = off)")
+    p.add_argument("--batch-workers", type=positive_int, default=2,
+                   help="with dynamic batching: merged batches in flight at once (default 2)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -110,7 +116,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # installed before serving: an early SIGTERM still drains
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    forward = watcher = None
+    forward = watcher = batcher = None
     try:
         bundle = load_tier_bundle(folder)
         spec = bundle.tier_spec(max_batch=args.max_batch)
@@ -121,7 +127,9 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         kind, g = runtime.gate.kind, scalar_params(runtime.gate)
         servicer.description = describe_tier(m, kind, g, args.next or "", policy,
                                              {} if args.gate or spec.is_last else bundle.calibration(policy))
-        servicer.runtime = runtime
+        batcher = (DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers)
+                   if args.max_queue_delay_ms > 0 else None)
+        servicer.runtime = batcher or runtime
         health.update(loaded=True)
         if forward is not None:
             watcher = NextTierWatcher(forward.channel, lambda state: on_next_tier(state, health, forward),
@@ -140,6 +148,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         server.stop(args.grace).wait()
     finally:
         server.stop(0)
+        if batcher is not None:
+            batcher.close()
         if watcher is not None:
             watcher.stop()
         if forward is not None:
