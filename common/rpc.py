@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from common import messages
 from common.errors import DownstreamError, RequestError
 from common.runtime import Batch, Forwarded, TierRuntime
+from common.security import Security
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
@@ -164,18 +165,21 @@ def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float],
 
 
 def create_server(
-    servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: Security | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
 
     The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
-    Server reflection is enabled so generic gRPC tools can list and call the service.
+    Server reflection is enabled so generic gRPC tools can list and call the service. ``security`` adds TLS (mutual
+    with a CA) and the bearer-token check.
     """
+    security = security or Security()
     # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
     # ever more large requests in memory.
     options = server_options(max_message_bytes)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=2 * max_workers)
+                         maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
     pb_grpc.add_TierServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -183,7 +187,8 @@ def create_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
+        credentials = security.server_credentials()
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:  # grpc raises RuntimeError("Failed to bind ...") for a busy or invalid address
         raise OSError(f"could not listen on {address}: {e}") from None
     if port == 0:
@@ -205,10 +210,12 @@ class NextTierClient:
     UNAVAILABLE is retried by gRPC per ``RETRY_POLICY``. A batch with no time left is not sent at all.
     """
 
-    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 security: Security | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self.channel = open_channel(target, security, channel_options(max_message_bytes))
+        self.metadata = (security or Security()).metadata()
         self.stub = pb_grpc.TierStub(self.channel)
         self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
@@ -223,7 +230,7 @@ class NextTierClient:
         request = messages.request_from_batch(batch)
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
-            reply = self.stub.Infer(request, timeout=timeout)
+            reply = self.stub.Infer(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
@@ -232,7 +239,8 @@ class NextTierClient:
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
         try:
-            return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, wait_for_ready=True)
+            return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, wait_for_ready=True,
+                                      metadata=self.metadata)
         except grpc.RpcError as e:
             raise DownstreamError(f"{self.target} did not answer Describe: {e.code().name}: {e.details()}") from None
 
@@ -240,10 +248,20 @@ class NextTierClient:
         self.channel.close()
 
 
-def wait_for_serving(target: str, timeout_s: float = 60.0) -> None:
+def open_channel(target: str, security: Security | None = None, options: list | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS (with our certificate for mutual TLS) when ``security`` has a CA, else plaintext."""
+    security = security or Security()
+    options = [*(options or []), *security.channel_options()]
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def wait_for_serving(target: str, timeout_s: float = 60.0, security: Security | None = None) -> None:
     """Block until the server at ``target`` reports SERVING on the standard health service."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()

@@ -27,6 +27,7 @@ from common.gates import parse_gate, scalar_params
 from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import HEALTH_SERVICES, NextTierClient, TierServicer, create_server, describe_tier, message_limit
 from common.runtime import ON_DOWNSTREAM_FAILURE, TierRuntime
+from common.security import add_security_args, security_from_args
 
 log = logging.getLogger("splitexit.tier")
 PARENT_PID_ENV = "SPLITEXIT_PARENT_PID"
@@ -75,6 +76,7 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--health-interval", type=positive_float, default=0.5,
                    help="seconds between checks of the next tier's health (default 0.5)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
+    add_security_args(p)
     add_plugin_arg(p)
     return p
 
@@ -89,6 +91,7 @@ def on_next_tier(state: str, health: TierHealth, forward: NextTierClient) -> Non
 
 def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
+    security = security_from_args(args)
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tier} %(levelname)s %(message)s")
     if args.threads:
@@ -110,7 +113,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
 
     # Serve health from the start: NOT_SERVING while the weights load, and Infer answers UNAVAILABLE meanwhile.
     servicer = TierServicer(None, None)
-    server, port, health_servicer = create_server(servicer, args.listen, args.workers, limit)
+    server, port, health_servicer = create_server(servicer, args.listen, args.workers, limit, security)
     health = TierHealth(health_servicer, HEALTH_SERVICES, has_next=not is_last)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # installed before serving: an early SIGTERM still drains
@@ -122,7 +125,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         spec = bundle.tier_spec(max_batch=args.max_batch)
         gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
         policy = "command-line" if args.gate else args.policy or m.get("policy") or ""
-        forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit) if args.next else None
+        forward = (NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit, security=security)
+                   if args.next else None)
         runtime = TierRuntime(spec, bundle.segment, gate, forward, args.on_downstream_failure)
         kind, g = runtime.gate.kind, scalar_params(runtime.gate)
         servicer.description = describe_tier(m, kind, g, args.next or "", policy,

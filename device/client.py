@@ -19,12 +19,14 @@ from common.local import evaluate_in_process
 from common.report import compare
 from common.rpc import NextTierClient
 from common.plugins import use_plugins
+from common.security import Security, add_security_args, security_from_args
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
-               gates: dict[str, Gate] | None = None, timeout_s: float = 120.0, policy: str | None = None) -> dict:
+               gates: dict[str, Gate] | None = None, timeout_s: float = 120.0, policy: str | None = None,
+               security: Security | None = None) -> dict:
     """Feed ``images`` to the device tier at ``target``; compare with the in-process chain when ``bundle`` is given."""
-    client = NextTierClient(target, timeout_s=timeout_s)
+    client = NextTierClient(target, timeout_s=timeout_s, security=security)
     try:
         info = client.describe()
         report, records = feed_and_report(client, images, labels, info.model_id, batch_size, list(info.tiers),
@@ -45,6 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=None, help="bundle root for the in-process comparison")
     add_run_args(p, gate_help="TIER=SPEC gate the tiers were started with, for the in-process comparison")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    add_security_args(p)
     return p
 
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
     report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout,
-                        args.policy)
+                        args.policy, security_from_args(args))
     emit_report(report, args)
     return 0
 
