@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import non_negative_float, positive_int, run
+from common.cli import non_negative_float, positive_int, run, tier_gates
 from common.rpc import NextTierClient
 from common.runtime import Batch
 from scripts.launch_local import LocalDeployment
@@ -150,6 +150,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=non_negative_float, default=2.0,
                    help="batching on: the tiers' --max-queue-delay-ms (default 2)")
     p.add_argument("--batch-workers", type=positive_int, default=2)
+    p.add_argument("--gate", action="append", default=[],
+                   help="TIER=SPEC gate override for both runs, e.g. device=never (repeatable)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads per tier (default: torch's)")
     return p
 
@@ -163,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     images = load("synthetic:test", "test", limit=2000).images
     result = {"bundle": str(bundle), "width": None if args.bundle else args.width, "clients": args.clients, "requests_per_client": args.requests,
               "max_batch": args.max_batch, "max_queue_delay_ms": args.max_queue_delay_ms,
-              "batch_workers": args.batch_workers, "torch_threads": args.threads}
+              "batch_workers": args.batch_workers, "torch_threads": args.threads, "gates": args.gate}
     for mode in ("off", "on"):
         flags = ["--max-batch", str(args.max_batch), "--workers", str(max(8, args.clients * 2))]
         flags += ["--threads", str(args.threads)] if args.threads else []
         if mode == "on":
             flags += ["--max-queue-delay-ms", str(args.max_queue_delay_ms), "--batch-workers", str(args.batch_workers)]
         extra = {t: flags for t in ("device", "edge", "cloud")}
-        with LocalDeployment(bundle, extra_args=extra, log_dir=args.out / f"logs-{mode}") as dep:
+        with LocalDeployment(bundle, gates=tier_gates(args.gate), extra_args=extra, log_dir=args.out / f"logs-{mode}") as dep:
             result[mode] = load_run(dep, images, args.clients, args.requests)
         r = result[mode]
         print(f"batching {mode}: {r['throughput_samples_per_s']} samples/s, p50 {r['latency_ms']['p50']} ms, "

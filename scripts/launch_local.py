@@ -25,6 +25,7 @@ from common.cli import add_run_args, emit_report, run, tier_gates
 from common.errors import SplitExitError
 from common.gates import Gate, format_gate
 from common.rpc import wait_for_serving
+from common.security import Security
 from common.tier_main import PARENT_PID_ENV
 from common.plugins import use_plugins
 
@@ -57,6 +58,7 @@ class LocalDeployment:
     log_dir: Path | None = None
     # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy.
     link: Callable[[str, str], str] | None = None
+    security: Security | None = None  # how to reach the tiers' health service when they speak TLS
     startup_timeout_s: float = 120.0
     grace_s: float = 5.0
     processes: list[TierProcess] = field(default_factory=list)
@@ -86,7 +88,7 @@ class LocalDeployment:
                 proc = self._start(tier, folder, next_address, log_dir)
                 next_address = proc.address
             for proc in self.processes:
-                wait_for_serving(proc.address, self.startup_timeout_s)
+                wait_for_serving(proc.address, self.startup_timeout_s, self.security)
         except BaseException:
             self.stop()
             raise
@@ -147,7 +149,7 @@ class LocalDeployment:
         folder, next_address, log_dir = self._launch[tier]
         proc = self._start(tier, folder, next_address, log_dir, port=int(old.address.rpartition(":")[2]))
         self.processes.insert(index, self.processes.pop())
-        wait_for_serving(proc.address, self.startup_timeout_s)
+        wait_for_serving(proc.address, self.startup_timeout_s, self.security)
         return proc
 
     def stop(self) -> None:

@@ -96,3 +96,21 @@ def test_half_a_key_pair_is_a_one_line_error(pki):
                              str(pki["folder"] / "server.pem")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--tls-cert and --tls-key go together" in result.stderr.strip().splitlines()[-1]
+
+
+def test_three_tier_processes_over_mutual_tls_with_a_token(tiny_bundle, test_slice, pki, tmp_path):
+    from device.client import run_client
+    from scripts.launch_local import LocalDeployment
+
+    folder = pki["folder"]
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    flags = ["--tls-cert", str(folder / "server.pem"), "--tls-key", str(folder / "server.key"),
+             "--tls-ca", str(folder / "ca.pem"), "--token-file", str(token_file)]
+    extra = {t: flags for t in ("device", "edge", "cloud")}
+    with LocalDeployment(tiny_bundle, extra_args=extra, security=pki["client"], startup_timeout_s=60) as dep:
+        report = run_client(dep.device_address, test_slice.images[:64], test_slice.labels[:64], 16, tiny_bundle,
+                            security=pki["client"])
+        with pytest.raises(grpc.RpcError):  # and the same deployment refuses plaintext
+            _infer(dep.device_address, None)
+    assert report["samples"] == 64 and report["prediction_mismatches"] == 0 and report["degraded"] == 0
