@@ -65,8 +65,10 @@ def split_answer(answer: Answer, parts: list[tuple[Batch, int]], offsets: list[i
 class DynamicBatcher:
     """Coalesce concurrent ``process`` calls into batches of at most ``max_batch`` samples (see module docstring)."""
 
-    def __init__(self, runtime: TierRuntime, max_batch: int, max_delay_s: float, workers: int = 2) -> None:
+    def __init__(self, runtime: TierRuntime, max_batch: int, max_delay_s: float, workers: int = 2,
+                 on_batch=None) -> None:
         self.runtime = runtime
+        self.on_batch = on_batch  # called with the sample count of every batch run (metrics)
         self.spec = runtime.spec
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -129,7 +131,7 @@ class DynamicBatcher:
             if len(group) == 1:
                 p = group[0]
                 p.answer = self.runtime.process(p.batch, p.bytes_received)
-                self.batch_sizes[len(p.batch.sample_ids)] += 1
+                self._ran(len(p.batch.sample_ids))
             else:
                 offsets, n = [], 0
                 for p in group:
@@ -140,7 +142,7 @@ class DynamicBatcher:
                 merged = Batch(f"{first.request_id}+{len(group) - 1}", first.model_id, list(range(n)),
                                torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None)
                 answer = self.runtime.process(merged, sum(p.bytes_received for p in group))
-                self.batch_sizes[n] += 1
+                self._ran(n)
                 for p, a in zip(group, split_answer(answer, [(p.batch, p.bytes_received) for p in group], offsets)):
                     p.answer = a
         except BaseException as e:  # every caller of the batch gets the error, none waits forever
@@ -149,6 +151,11 @@ class DynamicBatcher:
         finally:
             for p in group:
                 p.done.set()
+
+    def _ran(self, samples: int) -> None:
+        self.batch_sizes[samples] += 1
+        if self.on_batch is not None:
+            self.on_batch(samples)
 
     def close(self) -> None:
         """Stop the workers once the queue is empty (call after the server has drained)."""

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from common import messages
 from common.errors import DownstreamError, RequestError
 from common.runtime import Batch, Forwarded, TierRuntime
+from common.metrics import TierMetrics
 from common.security import Security
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
@@ -123,25 +124,51 @@ class TierServicer(pb_grpc.TierServicer):
     """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
     call is answered UNAVAILABLE, which callers retry."""
 
-    def __init__(self, runtime: TierRuntime | None, description: pb.TierDescription | None) -> None:
+    def __init__(self, runtime: TierRuntime | None, description: pb.TierDescription | None,
+                 metrics: TierMetrics | None = None) -> None:
         self.runtime = runtime
         self.description = description
+        self.metrics = metrics
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
         if self.runtime is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
+        t0 = time.perf_counter()
+        size = request.ByteSize()
         try:
             batch = messages.batch_from_request(request)
             remaining = context.time_remaining()
             if remaining is not None and remaining < NO_DEADLINE_S:
                 batch.deadline = time.monotonic() + remaining
-            answer = self.runtime.process(batch, bytes_received=request.ByteSize())
+            answer = self.runtime.process(batch, bytes_received=size)
         except RequestError as e:
-            context.abort(_CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
+            code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
+            self._failed(request.request_id, code, t0)
+            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
+                        extra={"request_id": request.request_id, "code": code.name})
+            context.abort(code, str(e))
         except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
-            log.exception("request %s failed", request.request_id)
+            self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
+            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        seconds = time.perf_counter() - t0
+        hop = answer.trace[0]
+        if self.metrics is not None:
+            self.metrics.observe(answer, size, seconds)
+            if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
+                self.metrics.batch_ran(len(answer.predictions))
+        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+                  "ms": round(seconds * 1e3, 3)}
+        if hop.samples_degraded:
+            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
+                        hop.downstream_error, extra=fields)
+        else:
+            log.debug("request %s answered", request.request_id, extra=fields)
         return messages.reply_from_answer(answer)
+
+    def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.error(code.name, time.perf_counter() - t0)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.TierDescription:
         if self.description is None:

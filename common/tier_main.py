@@ -26,6 +26,7 @@ from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
 from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import HEALTH_SERVICES, NextTierClient, TierServicer, create_server, describe_tier, message_limit
+from common.metrics import JsonFormatter, TierMetrics
 from common.runtime import ON_DOWNSTREAM_FAILURE, TierRuntime
 from common.security import add_security_args, security_from_args
 
@@ -76,9 +77,27 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--health-interval", type=positive_float, default=0.5,
                    help="seconds between checks of the next tier's health (default 0.5)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (on --listen's host if not "
+                        "127.0.0.1; 0 = any free port)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line, with request ids")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING"), default="INFO",
+                   help="DEBUG logs every request")
     add_security_args(p)
     add_plugin_arg(p)
     return p
+
+
+def configure_logging(tier: str, fmt: str, level: str) -> None:
+    """Text lines for people, or one JSON object per line (with ``tier`` and, where known, ``request_id``)."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(lambda record: setattr(record, "tier", tier) or True)
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tier} %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
 
 
 def on_next_tier(state: str, health: TierHealth, forward: NextTierClient) -> None:
@@ -93,7 +112,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
     security = security_from_args(args)
     die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tier} %(levelname)s %(message)s")
+    configure_logging(tier, args.log_format, args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = args.bundle / tier if (args.bundle / tier / "manifest.json").is_file() else args.bundle
@@ -112,7 +131,8 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     limit = message_limit(in_bytes, out_bytes, args.max_batch)
 
     # Serve health from the start: NOT_SERVING while the weights load, and Infer answers UNAVAILABLE meanwhile.
-    servicer = TierServicer(None, None)
+    metrics = TierMetrics(tier)
+    servicer = TierServicer(None, None, metrics)
     server, port, health_servicer = create_server(servicer, args.listen, args.workers, limit, security)
     health = TierHealth(health_servicer, HEALTH_SERVICES, has_next=not is_last)
     stop = threading.Event()
@@ -131,14 +151,17 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         kind, g = runtime.gate.kind, scalar_params(runtime.gate)
         servicer.description = describe_tier(m, kind, g, args.next or "", policy,
                                              {} if args.gate or spec.is_last else bundle.calibration(policy))
-        batcher = (DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers)
-                   if args.max_queue_delay_ms > 0 else None)
+        batcher = (DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers,
+                                  on_batch=metrics.batch_ran) if args.max_queue_delay_ms > 0 else None)
         servicer.runtime = batcher or runtime
         health.update(loaded=True)
         if forward is not None:
             watcher = NextTierWatcher(forward.channel, lambda state: on_next_tier(state, health, forward),
                                       args.health_interval).start()
         bound = f"{args.listen.rpartition(':')[0]}:{port}"
+        if args.metrics_port is not None:
+            http = metrics.serve(args.metrics_port, args.listen.rpartition(":")[0].strip("[]"))
+            log.info("metrics on http://%s:%d/metrics", args.listen.rpartition(":")[0], http.server_port)
         log.info("serving %s of model %s on %s (gate %s %s, next %s)", tier, spec.model_id, bound, kind, g,
                  args.next)
         if args.ready_file:

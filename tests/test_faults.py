@@ -5,6 +5,7 @@ a dead tier is felt by every request. One sample per request keeps the stream lo
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -24,7 +25,9 @@ TIMEOUT = 60
 @pytest.fixture(scope="module")
 def deployment(tiny_bundle):
     gates = {"device": ConstantGate(False), "edge": ConstantGate(False)}
-    with LocalDeployment(tiny_bundle, gates=gates, startup_timeout_s=TIMEOUT) as dep:
+    flags = ["--log-format", "json", "--metrics-port", "0"]
+    extra = {t: flags for t in ("device", "edge", "cloud")}
+    with LocalDeployment(tiny_bundle, gates=gates, extra_args=extra, startup_timeout_s=TIMEOUT) as dep:
         yield dep
 
 
@@ -89,3 +92,8 @@ def test_a_killed_tier_loses_no_request_and_normal_answers_resume(deployment, te
     print(f"{tier} killed: {run['sent']} requests, {len(degraded)} degraded at the {degraded_at}, normal answers "
           f"{run['normal_again'] - run['up_at']:.2f} s after the restarted {tier} reported SERVING")
     assert run["normal_again"] - run["up_at"] < RECOVERY_S
+    # The tier that answered for the dead one logged it, one JSON line per request, with the request id.
+    log_path = next(p.log_path for p in deployment.processes if p.tier == degraded_at)
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(e.get("degraded") and e.get("request_id", "").startswith("fault-") for e in entries)
+    assert any("metrics on http://" in e["message"] for e in entries)
