@@ -149,7 +149,7 @@ def test_the_deadline_travels_downstream_less_a_margin(serve):
     reply = _infer(edge, batch([[1, 2]]), timeout=4.0)
     assert not reply.predictions[0].degraded and reply.predictions[0].exit_tier == "cloud"
     edge_budget, cloud_budget = Recording.budgets
-    assert 3.0 < edge_budget <= 4.0
+    assert 3.0 < edge_budget <= 4.1  # gRPC measures the deadline on its own clock
     assert cloud_budget < edge_budget - 0.3  # the edge kept a margin (10 % of its budget) for its own answer
 
 
