@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from common.runtime import Answer, Batch, Hop, TierRuntime
+from common.runtime import Answer, Batch, TierRuntime
 
 
 @dataclass
@@ -51,11 +51,12 @@ def split_answer(answer: Answer, parts: list[tuple[Batch, int]], offsets: list[i
             onward = sum(1 for d in depth if d > j)
             next_in = answer.trace[j + 1].samples_in if j + 1 < len(answer.trace) else 0
             here = [p for p, d in zip(preds, depth) if d == j]
-            trace.append(Hop(
-                hop.tier, reached, sum(1 for p in here if not p.degraded), hop.compute_ms * share,
-                size if j == 0 else round(hop.bytes_received * share),
-                round(hop.bytes_sent * onward / next_in) if next_in else 0,
-                hop.forward_ms, hop.flops * share, sum(1 for p in here if p.degraded), hop.downstream_error,
+            trace.append(replace(  # times of the shared request itself (forwarding, codecs, link) stay whole
+                hop, samples_in=reached, samples_exited=sum(1 for p in here if not p.degraded),
+                compute_ms=hop.compute_ms * share,
+                bytes_received=size if j == 0 else round(hop.bytes_received * share),
+                bytes_sent=round(hop.bytes_sent * onward / next_in) if next_in else 0,
+                flops=hop.flops * share, samples_degraded=sum(1 for p in here if p.degraded),
             ))
         ids = batch.sample_ids
         out.append(Answer(batch.request_id, [replace(p, sample_id=ids[i]) for i, p in enumerate(preds)], trace))

@@ -61,12 +61,17 @@ def tier_gates(values: list[str] | None) -> dict:
     return gates
 
 
-def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
-    """The options shared by every command that streams a data set through a deployment and reports on it."""
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--data``, ``--split`` and ``--limit``: which samples a command reads."""
     parser.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
     parser.add_argument("--split", default="test", help="split when the spec names none (default: test)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per request (default 64)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
+
+
+def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
+    """The options shared by every command that streams a data set through a deployment and reports on it."""
+    add_data_args(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per request (default 64)")
     parser.add_argument("--report", type=Path, default=None, help="write the report JSON here")
     parser.add_argument("--policy", default=None, help="exit policy stored in the bundle to use (e.g. mlp, cost)")
     parser.add_argument("--gate", action="append", help=gate_help)

@@ -41,6 +41,7 @@ class TensorLimits:
     max_rank: int = 8
     max_dim: int = 1 << 20
     max_elements: int = 1 << 28
+    max_decoded_bytes: int = 256 << 20  # bound on what a compressed payload may inflate to (zip bombs)
 
     def check_shape(self, shape: tuple[int, ...]) -> int:
         """Validate ``shape``; return its number of elements."""
@@ -79,6 +80,10 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
 
 def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Validate and decode a ``Tensor`` message; raise ``InvalidRequest`` naming the problem."""
+    if msg.codec not in RAW_CODECS or msg.compression:  # float16 / int8 / compressed: see common.tensor_codecs
+        from common import tensor_codecs
+
+        return tensor_codecs.decode(msg, limits)
     # Read each field once: protobuf's Python runtime builds a new bytes object on every access to ``data``.
     return decode_buffer(msg.dtype, tuple(int(d) for d in msg.shape), msg.data, msg.codec, limits)
 

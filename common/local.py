@@ -15,34 +15,49 @@ from common.bundle import TierBundle, find_tier_folders, load_tier_bundle
 from common.errors import ConfigError
 from common.feed import feed_and_report
 from common.gates import Gate
+from common.link import LinkModel
+from common.rpc import emulate_link
+from common.tensor_codecs import FLOAT32, WireCodec
 from common.report import RequestRecord
 from common.runtime import Batch, Forwarded, TierRuntime
 
 
 class LocalLink:
-    """The ``Forward`` function that hands samples to a runtime in the same process."""
+    """The ``Forward`` function that hands samples to a runtime in the same process.
 
-    def __init__(self, runtime: TierRuntime) -> None:
+    ``wire`` is the link's codec, exactly as a tier's ``--codec`` would use it; ``link`` optionally emulates the
+    network delay of the exchange (``common.link``), so in-process runs can stand for a deployment too.
+    """
+
+    def __init__(self, runtime: TierRuntime, wire: WireCodec = FLOAT32, link: LinkModel | None = None) -> None:
         self.runtime = runtime
+        self.wire, self.link = wire, link
 
     def __call__(self, batch: Batch) -> Forwarded:
-        request = messages.request_from_batch(batch)
+        start = time.perf_counter()
+        request = messages.request_from_batch(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
+        answer = messages.answer_request(self.runtime, request)
         size = request.ByteSize()
-        return Forwarded(self.runtime.process(messages.batch_from_request(request), bytes_received=size), size)
+        link_ms = emulate_link(self.link, size, messages.reply_from_answer(answer).ByteSize()) if self.link else 0.0
+        return Forwarded(answer, size, encode_ms, link_ms)
 
 
-def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = None) -> TierRuntime:
-    """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates."""
+def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = None,
+                   wires: dict[str, WireCodec] | None = None) -> TierRuntime:
+    """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates;
+    ``wires`` maps a tier to the codec of its outgoing link (float32 where absent)."""
     gates = gates or [None] * len(bundles)
+    wires = wires or {}
     runtime = None
     for bundle, gate in reversed(list(zip(bundles, gates, strict=True))):
-        forward = LocalLink(runtime) if runtime is not None else None
+        forward = LocalLink(runtime, wires.get(bundle.tier, FLOAT32)) if runtime is not None else None
         runtime = TierRuntime(bundle.tier_spec(), bundle.segment, gate or bundle.gate, forward)
     return runtime
 
 
-def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: str | None = None
-                     ) -> tuple[TierRuntime, list[TierBundle]]:
+def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: str | None = None,
+                     wires: dict[str, WireCodec] | None = None) -> tuple[TierRuntime, list[TierBundle]]:
     """Load every tier of the bundle root ``root`` and chain them. ``policy`` selects a stored policy for every
     tier; ``gates`` (tier name -> gate) overrides single tiers on top of that."""
     bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
@@ -51,7 +66,7 @@ def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: s
     if unknown:
         raise ConfigError(f"gate overrides name unknown tiers {sorted(unknown)}")
     chosen = [gates.get(b.tier) or (b.policy_gate(policy) if policy else None) for b in bundles]
-    return chain_runtimes(bundles, chosen), bundles
+    return chain_runtimes(bundles, chosen, wires), bundles
 
 
 @torch.inference_mode()
@@ -86,10 +101,10 @@ def bundle_costs(bundles: list[TierBundle]) -> tuple[list[float], float]:
 
 
 def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                        gates: dict[str, Gate] | None = None, policy: str | None = None
-                        ) -> tuple[dict, list[RequestRecord]]:
+                        gates: dict[str, Gate] | None = None, policy: str | None = None,
+                        wires: dict[str, WireCodec] | None = None) -> tuple[dict, list[RequestRecord]]:
     """Report of the in-process chain of ``root`` over ``images``, batched exactly as a client would send them."""
-    first, bundles = load_local_chain(root, gates, policy)
+    first, bundles = load_local_chain(root, gates, policy, wires)
     m = bundles[0].manifest
     report, records = feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
                                       m["flops"]["full_network"], run_id="in-process")

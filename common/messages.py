@@ -1,19 +1,22 @@
 """Runtime dataclasses <-> protobuf messages. Pure conversion, no networking."""
 from __future__ import annotations
 
-from common import codec
+import time
+
+from common import codec, tensor_codecs
 from common.codec import TensorLimits
+from common.tensor_codecs import FLOAT32, WireCodec
 from common.errors import InvalidRequest
-from common.runtime import Answer, Batch, Hop, Prediction
+from common.runtime import Answer, Batch, Hop, Prediction, TierRuntime
 from proto import splitexit_pb2 as pb
 
 
-def request_from_batch(batch: Batch) -> pb.InferRequest:
+def request_from_batch(batch: Batch, wire: WireCodec = FLOAT32) -> pb.InferRequest:
     return pb.InferRequest(
         request_id=batch.request_id,
         model_id=batch.model_id,
         sample_ids=batch.sample_ids,
-        tensor=codec.encode(batch.tensor),
+        tensor=tensor_codecs.encode(batch.tensor, wire),
     )
 
 
@@ -37,6 +40,7 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
             pb.HopTrace(
                 tier=h.tier, samples_in=h.samples_in, samples_exited=h.samples_exited, compute_ms=h.compute_ms,
                 bytes_received=h.bytes_received, bytes_sent=h.bytes_sent, forward_ms=h.forward_ms, flops=h.flops,
+                encode_ms=h.encode_ms, decode_ms=h.decode_ms, link_ms=h.link_ms, handle_ms=h.handle_ms,
                 samples_degraded=h.samples_degraded, downstream_error=h.downstream_error,
             )
             for h in answer.trace
@@ -51,7 +55,22 @@ def answer_from_reply(reply: pb.InferReply) -> Answer:
          for p in reply.predictions],
         [
             Hop(h.tier, h.samples_in, h.samples_exited, h.compute_ms, h.bytes_received, h.bytes_sent,
-                h.forward_ms, h.flops, h.samples_degraded, h.downstream_error)
+                h.forward_ms, h.flops, h.encode_ms, h.decode_ms, h.link_ms, h.handle_ms, h.samples_degraded,
+                h.downstream_error)
             for h in reply.trace
         ],
     )
+
+
+def answer_request(runtime: TierRuntime, request: pb.InferRequest, deadline: float | None = None) -> Answer:
+    """Decode ``request``, let ``runtime`` answer it, and stamp this tier's hop with decode and handling time.
+    ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on downstream."""
+    start = time.perf_counter()
+    batch = batch_from_request(request)
+    batch.deadline = deadline
+    decoded = time.perf_counter()
+    answer = runtime.process(batch, bytes_received=request.ByteSize())
+    hop = answer.trace[0]
+    hop.decode_ms = (decoded - start) * 1e3
+    hop.handle_ms = (time.perf_counter() - start) * 1e3
+    return answer

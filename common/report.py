@@ -78,8 +78,38 @@ def build_report(
         },
         "compute_ms": {t: round(v, 3) for t, v in compute_ms.items()},
         "latency_ms": _percentiles(latencies),
+        "latency_breakdown_ms": latency_breakdown(records, tiers),
         "throughput_samples_per_s": n / wall_s if wall_s > 0 else None,
     }
+
+
+def latency_breakdown(records: list[RequestRecord], tiers: list[str]) -> dict[str, dict[str, float | None]]:
+    """Where each sample's latency went: mean and p50/p95/p99 over samples of each component.
+
+    A sample waits for its whole request, so it carries its request's figures. ``compute_<tier>`` is that tier's
+    segment + head + gate time (stretched by ``--compute-scale``), ``encode`` / ``decode`` the link codecs on both
+    sides of every link, ``link`` the emulated link delay, and ``queueing`` the rest of the round trip: time in
+    gRPC queues and transport, reply (de)serialisation and merging. The components add up to ``total``.
+    """
+    rows: dict[str, list[float]] = {k: [] for k in
+                                    ["total", *(f"compute_{t}" for t in tiers), "encode", "decode", "link", "queueing"]}
+    for r in records:
+        parts = {f"compute_{t}": 0.0 for t in tiers} | {"encode": 0.0, "decode": 0.0, "link": 0.0}
+        for hop in r.answer.trace:
+            key = f"compute_{hop.tier}"
+            parts[key] = parts.get(key, 0.0) + hop.compute_ms
+            parts["encode"] += hop.encode_ms
+            parts["decode"] += hop.decode_ms
+            parts["link"] += hop.link_ms
+        parts["queueing"] = max(0.0, r.latency_ms - sum(parts.values()))
+        parts["total"] = r.latency_ms
+        for key, value in parts.items():
+            rows.setdefault(key, []).extend([value] * len(r.answer.predictions))
+    out = {}
+    for key, values in rows.items():
+        stats = _percentiles(values)
+        out[key] = {"mean": round(float(np.mean(values)), 3) if values else None, **stats}
+    return out
 
 
 def predictions_by_id(records: list[RequestRecord]) -> dict[int, tuple[int, str]]:
@@ -136,6 +166,10 @@ def format_summary(report: dict) -> str:
     lat = report["latency_ms"]
     lines.append(f"  latency per request ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}   "
                  f"throughput {_fmt(report['throughput_samples_per_s'], '.1f')} samples/s")
+    parts = report.get("latency_breakdown_ms") or {}
+    if parts.get("total", {}).get("mean") is not None:
+        lines.append("  latency per sample, mean ms: " + "  ".join(
+            f"{k} {v['mean']:.1f}" for k, v in parts.items() if k != "total" and v["mean"]))
     return "\n".join(lines)
 
 

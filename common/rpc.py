@@ -16,9 +16,11 @@ from grpc_reflection.v1alpha import reflection
 
 from common import messages
 from common.errors import DownstreamError, RequestError
+from common.link import LinkModel
 from common.runtime import Batch, Forwarded, TierRuntime
 from common.metrics import TierMetrics
 from common.security import Security
+from common.tensor_codecs import FLOAT32, WireCodec
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
@@ -136,11 +138,9 @@ class TierServicer(pb_grpc.TierServicer):
         t0 = time.perf_counter()
         size = request.ByteSize()
         try:
-            batch = messages.batch_from_request(request)
             remaining = context.time_remaining()
-            if remaining is not None and remaining < NO_DEADLINE_S:
-                batch.deadline = time.monotonic() + remaining
-            answer = self.runtime.process(batch, bytes_received=size)
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+            answer = messages.answer_request(self.runtime, request, deadline)
         except RequestError as e:
             code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
             self._failed(request.request_id, code, t0)
@@ -230,17 +230,29 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
+def emulate_link(link: LinkModel | None, request_bytes: int, reply_bytes: int) -> float:
+    """Sleep the emulated delay of one exchange on ``link`` (nothing without one); return it in ms."""
+    if link is None:
+        return 0.0
+    delay = link.delay_s(request_bytes, reply_bytes)
+    time.sleep(delay)
+    return delay * 1e3
+
+
 class NextTierClient:
     """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``.
 
     Each call's deadline is the batch's remaining budget less a margin (``forward_timeout``), at most ``timeout_s``;
-    UNAVAILABLE is retried by gRPC per ``RETRY_POLICY``. A batch with no time left is not sent at all.
+    UNAVAILABLE is retried by gRPC per ``RETRY_POLICY``. A batch with no time left is not sent at all. ``wire`` is
+    the codec of the tensors sent on this link; ``link``, when given, is an emulated link whose delay for the actual
+    request and reply sizes is slept after each call (see ``common.link``).
     """
 
     def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 security: Security | None = None):
+                 wire: WireCodec = FLOAT32, link: LinkModel | None = None, security: Security | None = None):
         self.target = target
         self.timeout_s = timeout_s
+        self.wire, self.link = wire, link
         self.channel = open_channel(target, security, channel_options(max_message_bytes))
         self.metadata = (security or Security()).metadata()
         self.stub = pb_grpc.TierStub(self.channel)
@@ -254,14 +266,18 @@ class NextTierClient:
         if timeout <= 0:
             raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
                                   "UNAVAILABLE")
-        request = messages.request_from_batch(batch)
+        start = time.perf_counter()
+        request = messages.request_from_batch(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
             reply = self.stub.Infer(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
-        return Forwarded(messages.answer_from_reply(reply), request.ByteSize())
+        size = request.ByteSize()
+        link_ms = emulate_link(self.link, size, reply.ByteSize())
+        return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
 
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""

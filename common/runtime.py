@@ -51,6 +51,10 @@ class Hop:
     bytes_sent: int = 0
     forward_ms: float = 0.0
     flops: float = 0.0
+    encode_ms: float = 0.0  # encoding the forwarded request
+    decode_ms: float = 0.0  # decoding the received request (set by whoever decoded it)
+    link_ms: float = 0.0  # emulated delay of the outgoing link
+    handle_ms: float = 0.0  # receiving the request to the reply being ready (set by the server or local link)
     samples_degraded: int = 0
     downstream_error: str = ""
 
@@ -68,6 +72,8 @@ class Forwarded:
 
     answer: Answer
     request_bytes: int
+    encode_ms: float = 0.0
+    link_ms: float = 0.0
 
 
 Forward = Callable[[Batch], Forwarded]
@@ -93,7 +99,7 @@ class TierRuntime:
     """Serve one segment: run it, let the gate pick who exits here, forward the rest as one batch."""
 
     def __init__(self, spec: TierSpec, segment: nn.Module, gate: Gate, forward: Forward | None = None,
-                 on_downstream_failure: str = "degrade") -> None:
+                 compute_scale: float = 1.0, on_downstream_failure: str = "degrade") -> None:
         if not spec.is_last and forward is None:
             raise ValueError(f"tier {spec.tier!r} is not the last tier and needs a next tier to forward to")
         if on_downstream_failure not in ON_DOWNSTREAM_FAILURE:
@@ -107,6 +113,8 @@ class TierRuntime:
         # The last tier always answers, whatever gate its manifest names.
         self.gate: Gate = ConstantGate(True) if spec.is_last else gate
         self.forward = forward
+        # Emulate a slower (or faster-looking) machine: compute is stretched to compute_scale x the measured time.
+        self.compute_scale = compute_scale
 
     def validate(self, batch: Batch) -> None:
         """Raise ``InvalidRequest`` / ``PreconditionFailed`` when ``batch`` cannot be served by this tier."""
@@ -144,6 +152,9 @@ class TierRuntime:
             stats = softmax_stats(logits)
             exits = self.gate(logits).to(torch.bool)
         compute_ms = (time.perf_counter() - start) * 1e3
+        if self.compute_scale > 1:
+            time.sleep((self.compute_scale - 1) * compute_ms / 1e3)
+            compute_ms = (time.perf_counter() - start) * 1e3
 
         ids = batch.sample_ids
         by_id: dict[int, Prediction] = {}
@@ -172,6 +183,7 @@ class TierRuntime:
                 return Answer(batch.request_id, [by_id[i] for i in ids], trace)
             hop.forward_ms = (time.perf_counter() - t0) * 1e3
             hop.bytes_sent = forwarded.request_bytes
+            hop.encode_ms, hop.link_ms = forwarded.encode_ms, forwarded.link_ms
             got = [p.sample_id for p in forwarded.answer.predictions]
             if sorted(got) != sorted(onward.sample_ids):
                 raise DownstreamError(

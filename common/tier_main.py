@@ -24,6 +24,8 @@ from common.batching import DynamicBatcher
 from common.cli import address, non_negative_float, positive_float, positive_int
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
+from common.link import parse_link
+from common.tensor_codecs import add_codec_args, parse_wire_codec
 from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import HEALTH_SERVICES, NextTierClient, TierServicer, create_server, describe_tier, message_limit
 from common.metrics import JsonFormatter, TierMetrics
@@ -77,6 +79,7 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--health-interval", type=positive_float, default=0.5,
                    help="seconds between checks of the next tier's health (default 0.5)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
+    add_link_args(p)
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (on --listen's host if not "
                         "127.0.0.1; 0 = any free port)")
@@ -87,6 +90,14 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     add_security_args(p)
     add_plugin_arg(p)
     return p
+
+
+def add_link_args(p: argparse.ArgumentParser) -> None:
+    """Communication against computation: the outgoing link's codec and emulated network, the compute profile."""
+    add_codec_args(p)
+    p.add_argument("--link", default=None, help="emulate the outgoing link as RATE,RTT, e.g. 10mbit,20ms")
+    p.add_argument("--compute-scale", type=float, default=1.0,
+                   help="stretch this tier's compute to S x its measured time (emulate a slower machine)")
 
 
 def configure_logging(tier: str, fmt: str, level: str) -> None:
@@ -112,6 +123,10 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
     security = security_from_args(args)
     die_with_parent()
+    wire = parse_wire_codec(args.codec, args.compress)
+    link = parse_link(args.link) if args.link else None
+    if not 0 < args.compute_scale < math.inf:
+        raise ConfigError(f"--compute-scale must be a positive number, got {args.compute_scale}")
     configure_logging(tier, args.log_format, args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,9 +160,10 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         spec = bundle.tier_spec(max_batch=args.max_batch)
         gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
         policy = "command-line" if args.gate else args.policy or m.get("policy") or ""
-        forward = (NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit, security=security)
-                   if args.next else None)
-        runtime = TierRuntime(spec, bundle.segment, gate, forward, args.on_downstream_failure)
+        forward = (NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit, wire=wire, link=link,
+                                  security=security) if args.next else None)
+        runtime = TierRuntime(spec, bundle.segment, gate, forward, compute_scale=args.compute_scale,
+                              on_downstream_failure=args.on_downstream_failure)
         kind, g = runtime.gate.kind, scalar_params(runtime.gate)
         servicer.description = describe_tier(m, kind, g, args.next or "", policy,
                                              {} if args.gate or spec.is_last else bundle.calibration(policy))

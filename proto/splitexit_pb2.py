@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/splitexit.proto\x12\x0csplitexit.v1\"C\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63odec\x18\x04 \x01(\t\"n\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nsample_ids\x18\x03 \x03(\x03\x12$\n\x06tensor\x18\x04 \x01(\x0b\x32\x14.splitexit.v1.Tensor\"{\n\nPrediction\x12\x11\n\tsample_id\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x11\n\texit_tier\x18\x04 \x01(\t\x12\x12\n\nexit_index\x18\x05 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\n \x01(\x08\"\xdb\x01\n\x08HopTrace\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nsamples_in\x18\x02 \x01(\x05\x12\x16\n\x0esamples_exited\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x03\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x12\n\nforward_ms\x18\x07 \x01(\x01\x12\r\n\x05\x66lops\x18\x08 \x01(\x01\x12\x18\n\x10samples_degraded\x18\x1e \x01(\x05\x12\x18\n\x10\x64ownstream_error\x18\x1f \x01(\t\"v\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x18.splitexit.v1.Prediction\x12%\n\x05trace\x18\x03 \x03(\x0b\x32\x16.splitexit.v1.HopTrace\"\x11\n\x0f\x44\x65scribeRequest\"\xd5\x03\n\x0fTierDescription\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06stages\x18\x04 \x03(\t\x12\x12\n\nexit_index\x18\x05 \x01(\x05\x12\x11\n\texit_head\x18\x06 \x01(\t\x12\x11\n\tgate_kind\x18\x07 \x01(\t\x12\x42\n\x0bgate_params\x18\x08 \x03(\x0b\x32-.splitexit.v1.TierDescription.GateParamsEntry\x12\x13\n\x0binput_shape\x18\t \x03(\x03\x12\x13\n\x0binput_dtype\x18\n \x01(\t\x12\x11\n\tnext_tier\x18\x0b \x01(\t\x12\x15\n\rsegment_flops\x18\x0c \x01(\x01\x12\x12\n\nhead_flops\x18\r \x01(\x01\x12\x1a\n\x12\x66ull_network_flops\x18\x0e \x01(\x01\x12\x13\n\x0b\x63lass_names\x18\x0f \x03(\t\x12\r\n\x05tiers\x18\x10 \x03(\t\x12\x0e\n\x06policy\x18\x11 \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\x12 \x01(\t\x1a\x31\n\x0fGateParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x8f\x01\n\x04Tier\x12=\n\x05Infer\x12\x1a.splitexit.v1.InferRequest\x1a\x18.splitexit.v1.InferReply\x12H\n\x08\x44\x65scribe\x12\x1d.splitexit.v1.DescribeRequest\x1a\x1d.splitexit.v1.TierDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/splitexit.proto\x12\x0csplitexit.v1\"{\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\r\n\x05scale\x18\x05 \x03(\x02\x12\x12\n\nzero_point\x18\x06 \x03(\x02\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\"n\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x12\n\nsample_ids\x18\x03 \x03(\x03\x12$\n\x06tensor\x18\x04 \x01(\x0b\x32\x14.splitexit.v1.Tensor\"{\n\nPrediction\x12\x11\n\tsample_id\x18\x01 \x01(\x03\x12\r\n\x05label\x18\x02 \x01(\x05\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x11\n\texit_tier\x18\x04 \x01(\t\x12\x12\n\nexit_index\x18\x05 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\n \x01(\x08\"\xa5\x02\n\x08HopTrace\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nsamples_in\x18\x02 \x01(\x05\x12\x16\n\x0esamples_exited\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x03\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x12\n\nforward_ms\x18\x07 \x01(\x01\x12\r\n\x05\x66lops\x18\x08 \x01(\x01\x12\x11\n\tencode_ms\x18\x14 \x01(\x01\x12\x11\n\tdecode_ms\x18\x15 \x01(\x01\x12\x0f\n\x07link_ms\x18\x16 \x01(\x01\x12\x11\n\thandle_ms\x18\x17 \x01(\x01\x12\x18\n\x10samples_degraded\x18\x1e \x01(\x05\x12\x18\n\x10\x64ownstream_error\x18\x1f \x01(\t\"v\n\nInferReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x18.splitexit.v1.Prediction\x12%\n\x05trace\x18\x03 \x03(\x0b\x32\x16.splitexit.v1.HopTrace\"\x11\n\x0f\x44\x65scribeRequest\"\xd5\x03\n\x0fTierDescription\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06stages\x18\x04 \x03(\t\x12\x12\n\nexit_index\x18\x05 \x01(\x05\x12\x11\n\texit_head\x18\x06 \x01(\t\x12\x11\n\tgate_kind\x18\x07 \x01(\t\x12\x42\n\x0bgate_params\x18\x08 \x03(\x0b\x32-.splitexit.v1.TierDescription.GateParamsEntry\x12\x13\n\x0binput_shape\x18\t \x03(\x03\x12\x13\n\x0binput_dtype\x18\n \x01(\t\x12\x11\n\tnext_tier\x18\x0b \x01(\t\x12\x15\n\rsegment_flops\x18\x0c \x01(\x01\x12\x12\n\nhead_flops\x18\r \x01(\x01\x12\x1a\n\x12\x66ull_network_flops\x18\x0e \x01(\x01\x12\x13\n\x0b\x63lass_names\x18\x0f \x03(\t\x12\r\n\x05tiers\x18\x10 \x03(\t\x12\x0e\n\x06policy\x18\x11 \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\x12 \x01(\t\x1a\x31\n\x0fGateParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x8f\x01\n\x04Tier\x12=\n\x05Infer\x12\x1a.splitexit.v1.InferRequest\x1a\x18.splitexit.v1.InferReply\x12H\n\x08\x44\x65scribe\x12\x1d.splitexit.v1.DescribeRequest\x1a\x1d.splitexit.v1.TierDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIERDESCRIPTION_GATEPARAMSENTRY']._loaded_options = None
   _globals['_TIERDESCRIPTION_GATEPARAMSENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=39
-  _globals['_TENSOR']._serialized_end=106
-  _globals['_INFERREQUEST']._serialized_start=108
-  _globals['_INFERREQUEST']._serialized_end=218
-  _globals['_PREDICTION']._serialized_start=220
-  _globals['_PREDICTION']._serialized_end=343
-  _globals['_HOPTRACE']._serialized_start=346
-  _globals['_HOPTRACE']._serialized_end=565
-  _globals['_INFERREPLY']._serialized_start=567
-  _globals['_INFERREPLY']._serialized_end=685
-  _globals['_DESCRIBEREQUEST']._serialized_start=687
-  _globals['_DESCRIBEREQUEST']._serialized_end=704
-  _globals['_TIERDESCRIPTION']._serialized_start=707
-  _globals['_TIERDESCRIPTION']._serialized_end=1176
-  _globals['_TIERDESCRIPTION_GATEPARAMSENTRY']._serialized_start=1127
-  _globals['_TIERDESCRIPTION_GATEPARAMSENTRY']._serialized_end=1176
-  _globals['_TIER']._serialized_start=1179
-  _globals['_TIER']._serialized_end=1322
+  _globals['_TENSOR']._serialized_end=162
+  _globals['_INFERREQUEST']._serialized_start=164
+  _globals['_INFERREQUEST']._serialized_end=274
+  _globals['_PREDICTION']._serialized_start=276
+  _globals['_PREDICTION']._serialized_end=399
+  _globals['_HOPTRACE']._serialized_start=402
+  _globals['_HOPTRACE']._serialized_end=695
+  _globals['_INFERREPLY']._serialized_start=697
+  _globals['_INFERREPLY']._serialized_end=815
+  _globals['_DESCRIBEREQUEST']._serialized_start=817
+  _globals['_DESCRIBEREQUEST']._serialized_end=834
+  _globals['_TIERDESCRIPTION']._serialized_start=837
+  _globals['_TIERDESCRIPTION']._serialized_end=1306
+  _globals['_TIERDESCRIPTION_GATEPARAMSENTRY']._serialized_start=1257
+  _globals['_TIERDESCRIPTION_GATEPARAMSENTRY']._serialized_end=1306
+  _globals['_TIER']._serialized_start=1309
+  _globals['_TIER']._serialized_end=1452
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "codec")
+    __slots__ = ("dtype", "shape", "data", "codec", "scale", "zero_point", "compression")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     codec: str
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[str] = ...) -> None: ...
+    scale: _containers.RepeatedScalarFieldContainer[float]
+    zero_point: _containers.RepeatedScalarFieldContainer[float]
+    compression: str
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[str] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("request_id", "model_id", "sample_ids", "tensor")
@@ -47,7 +53,7 @@ class Prediction(_message.Message):
     def __init__(self, sample_id: _Optional[int] = ..., label: _Optional[int] = ..., confidence: _Optional[float] = ..., exit_tier: _Optional[str] = ..., exit_index: _Optional[int] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class HopTrace(_message.Message):
-    __slots__ = ("tier", "samples_in", "samples_exited", "compute_ms", "bytes_received", "bytes_sent", "forward_ms", "flops", "samples_degraded", "downstream_error")
+    __slots__ = ("tier", "samples_in", "samples_exited", "compute_ms", "bytes_received", "bytes_sent", "forward_ms", "flops", "encode_ms", "decode_ms", "link_ms", "handle_ms", "samples_degraded", "downstream_error")
     TIER_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_IN_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_EXITED_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +62,10 @@ class HopTrace(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    LINK_MS_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_MS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_ERROR_FIELD_NUMBER: _ClassVar[int]
     tier: str
@@ -66,9 +76,13 @@ class HopTrace(_message.Message):
     bytes_sent: int
     forward_ms: float
     flops: float
+    encode_ms: float
+    decode_ms: float
+    link_ms: float
+    handle_ms: float
     samples_degraded: int
     downstream_error: str
-    def __init__(self, tier: _Optional[str] = ..., samples_in: _Optional[int] = ..., samples_exited: _Optional[int] = ..., compute_ms: _Optional[float] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., forward_ms: _Optional[float] = ..., flops: _Optional[float] = ..., samples_degraded: _Optional[int] = ..., downstream_error: _Optional[str] = ...) -> None: ...
+    def __init__(self, tier: _Optional[str] = ..., samples_in: _Optional[int] = ..., samples_exited: _Optional[int] = ..., compute_ms: _Optional[float] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., forward_ms: _Optional[float] = ..., flops: _Optional[float] = ..., encode_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., link_ms: _Optional[float] = ..., handle_ms: _Optional[float] = ..., samples_degraded: _Optional[int] = ..., downstream_error: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("request_id", "predictions", "trace")

@@ -28,6 +28,8 @@ from common.rpc import wait_for_serving
 from common.security import Security
 from common.tier_main import PARENT_PID_ENV
 from common.plugins import use_plugins
+from common.link import parse_link
+from common.tensor_codecs import add_codec_args, link_args, parse_wire_codec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,6 +178,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address the tiers listen on (default 127.0.0.1)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep the tiers' logs here")
     p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison run")
+    add_codec_args(p)
+    p.add_argument("--link", default=None, help="emulate every tier's outgoing link as RATE,RTT (e.g. 10mbit,20ms)")
     return p
 
 
@@ -186,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     use_plugins(args.plugin)
     gates = tier_gates(args.gate)
+    wire = parse_wire_codec(args.codec, args.compress)
+    link = parse_link(args.link) if args.link else None
     deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, policy=args.policy, log_dir=args.log_dir)
+    deployment.extra_args = {t: link_args(wire, link) for t in deployment.tiers[:-1]}
     data = load(args.data, args.split, limit=args.limit)
     with deployment:
         print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
-                            None if args.no_compare else args.bundle, gates, policy=args.policy)
+                            None if args.no_compare else args.bundle, gates, policy=args.policy,
+                            wires={t: wire for t in deployment.tiers[:-1]})
     emit_report(report, args)
     return 0
 

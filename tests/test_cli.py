@@ -22,6 +22,10 @@ def run(*args, timeout=60):
     (("device.client", "--target", "127.0.0.1:1", "--data", "svhn"), "unknown data kind"),
     (("training.train", "--out", "/tmp/never", "--architecture", "resnet1000"), "unknown backbone"),
     (("cloud", "--bundle", "/x", "--plugin", "no_such_module_here"), "cannot import plugin module"),
+    (("edge", "--bundle", "/x", "--link", "10mb,20ms"), "bad link rate '10mb'"),
+    (("edge", "--bundle", "/x", "--compress", "lz4"), "unknown compression"),
+    (("edge", "--bundle", "/x", "--compute-scale", "0"), "--compute-scale must be a positive number"),
+    (("scripts.launch_local", "--bundle", "/x", "--link", "10mbit"), "expected RATE,RTT"),
 ])
 def test_one_line_errors(args, words):
     result = run(*args)

@@ -45,14 +45,15 @@ def test_unreachable_next_tier_degrades_to_this_tiers_exit():
 
 def test_fail_mode_and_refusals_are_errors_not_degraded_answers():
     with pytest.raises(DownstreamError):
-        TierRuntime(spec(), ToySegment(), ConstantGate(False), Failing("UNAVAILABLE"), "fail").process(
+        TierRuntime(spec(), ToySegment(), ConstantGate(False), Failing("UNAVAILABLE"),
+                    on_downstream_failure="fail").process(
             batch([[1, 2]]))
     with pytest.raises(DownstreamError) as err:  # a next tier that refuses our samples is a broken deployment
         TierRuntime(spec(), ToySegment(), ConstantGate(False), Failing("FAILED_PRECONDITION")).process(
             batch([[1, 2]]))
     assert err.value.code == "FAILED_PRECONDITION"
     with pytest.raises(ValueError):
-        TierRuntime(spec(), ToySegment(), ConstantGate(False), Failing("UNAVAILABLE"), "shrug")
+        TierRuntime(spec(), ToySegment(), ConstantGate(False), Failing("UNAVAILABLE"), on_downstream_failure="shrug")
 
 
 def test_forward_timeout_is_the_remaining_budget_less_a_margin():
@@ -93,7 +94,7 @@ def serve():
             forward = NextTierClient(forward_to, timeout_s=30)
             clients.append(forward)
         runtime = runtime_cls(spec(tier=tier, is_last=forward is None), segment, ConstantGate(False), forward,
-                              on_failure)
+                              on_downstream_failure=on_failure)
         server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier=tier)), "127.0.0.1:0")
         server.start()
         set_serving(health, True)

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from common import codec
+from common.bundle import read_manifest
 from common.gates import ConfidenceGate, ConstantGate, Gate
+from common.link import LinkModel
+from common.tensor_codecs import WireCodec, link_args
 from common.report import format_summary
 from common.rpc import wait_for_serving
 from device.client import run_client
@@ -73,6 +76,24 @@ def test_reported_bytes_equal_bytes_on_the_wire(deployment, test_slice):
         edge_input = pb_grpc.TierStub(channel).Describe(pb.DescribeRequest(), timeout=TIMEOUT).input_shape
     forwarded = report["exits"]["edge"] + report["exits"]["cloud"]
     assert report["bytes"]["device_to_edge"] >= forwarded * 4 * math.prod(edge_input)
+
+
+def test_lossy_codecs_emulated_links_and_compute_profiles_keep_parity(tiny_bundle, mixed_gates, test_slice):
+    """int8 and float16+zlib links, a 5 ms link and a stretched edge: still exactly the in-process predictions."""
+    wires = {"device": WireCodec("int8"), "edge": WireCodec("float16", "zlib")}
+    extra = {t: link_args(w, LinkModel(1e9, 0.005)) for t, w in wires.items()}
+    extra["edge"] += ["--compute-scale", "2"]
+    with LocalDeployment(tiny_bundle, gates=mixed_gates, extra_args=extra, startup_timeout_s=TIMEOUT) as dep:
+        report = run_client(dep.device_address, test_slice.images, test_slice.labels, 32, tiny_bundle, mixed_gates,
+                            wires=wires)
+    assert report["prediction_mismatches"] == 0
+    assert report["accuracy"] == report["in_process_accuracy"]
+    forwarded = report["exits"]["edge"] + report["exits"]["cloud"]
+    float32_bytes = forwarded * 4 * math.prod(read_manifest(tiny_bundle / "edge")["input"]["shape"])
+    assert 0 < report["bytes"]["device_to_edge"] < float32_bytes / 3.5
+    parts = report["latency_breakdown_ms"]
+    assert parts["link"]["p50"] >= 5.0 and parts["compute_edge"]["mean"] > 0 and parts["encode"]["mean"] > 0
+    assert parts["total"]["mean"] >= parts["link"]["mean"] + parts["compute_device"]["mean"]
 
 
 ALWAYS, NEVER = ConstantGate(True), ConstantGate(False)

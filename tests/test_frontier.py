@@ -37,3 +37,25 @@ def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
     assert 0 < ms[0] < ms[1] < ms[2]
     assert result["calibrated"]["calibration"]["method"] == "ltt"
     assert report["calibration"]["policy"] == "confidence" and report["calibration"]["method"] == "ltt"
+
+
+def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
+    """The seed projects' sweep: per-exit thresholds calibrated on validation data to desired accuracies."""
+    from common.errors import ConfigError
+
+    assert frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic", "--split", "test", "--limit", "192",
+                          "--points", "6", "--calibrate-on", "val", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "frontier.json").read_text())
+    assert result["calibration_samples"] == 192
+    for name in ("confidence", "entropy", "margin", "mlp"):
+        pe = result["policies"][name]["per_exit"]
+        assert sorted(p["parameter"] for p in pe) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        assert all(sum(p["exits"].values()) == 192 for p in pe)
+        # A higher desired accuracy never lowers the first exit's threshold, so it never lets more samples leave there.
+        by_target = sorted(pe, key=lambda p: p["parameter"])
+        device = [p["exits"]["device"] for p in by_target]
+        early = [p["exits"]["device"] + p["exits"]["edge"] for p in by_target]
+        assert device == sorted(device, reverse=True) and early[0] > early[-1]
+    with pytest.raises(ConfigError, match="another split"):
+        frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic:test", "--calibrate-on", "val",
+                       "--out", str(tmp_path)])

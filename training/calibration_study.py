@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.bundle import find_tier_folders, load_tier_bundle
-from common.cli import positive_int, run
+from common.cli import add_data_args, positive_int, run
 from common.errors import ConfigError
 from common.gates import THRESHOLD_GATES
 from common.local import all_exit_logits, bundle_costs
@@ -147,9 +147,7 @@ def format_table(result: dict) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.calibration_study", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
-    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
-    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
-    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
+    add_data_args(p)
     p.add_argument("--splits", type=positive_int, default=100, help="random calibration/evaluation splits")
     p.add_argument("--target-drop", type=float, default=1.0, help="promised accuracy drop, points (default 1)")
     p.add_argument("--delta", type=float, default=0.1, help="ltt: allowed failure probability (default 0.1)")

@@ -1,13 +1,16 @@
 """Accuracy against computation for every exit policy, from one cached forward pass over a data set.
 
-``python -m training.frontier --bundle DIR --data SPEC --out DIR [--split test] [--limit N] [--points 41]``
+``python -m training.frontier --bundle DIR --data SPEC --out DIR [--split test] [--limit N] [--points 41]
+[--calibrate-on val]``
 
 Runs the bundle's segments once over the data (no sample leaves early), keeps every exit's logits, and then sweeps
 each thresholded policy (one threshold shared by the early exits) over its range, plus the bundle's own calibrated
-gates. Each segment's compute time is measured during that pass, so every point also has a mean compute latency per
-sample (segments and exit heads on this machine, batches of 500; links not included). Writes ``OUT/frontier.json``
-and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and against latency, one line per policy, the
-final exit's accuracy as a reference line.
+gates. With ``--calibrate-on val`` every policy is also swept the way the seed projects do it: per-exit thresholds
+calibrated on the validation split to desired accuracies from 0.5 to 1 (``per_exit`` in the JSON; dashed in the
+plot for ``confidence`` and ``mlp``). Each segment's compute time is measured during the pass, so every point also
+has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
+included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
+against latency, one line per policy, the final exit's accuracy as a reference line.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ import numpy as np
 import torch
 
 from common.bundle import find_tier_folders, load_tier_bundle
-from common.cli import positive_int, run
+from common.cli import add_data_args, positive_int, run
+from common.errors import ConfigError
 from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict
 from common.local import all_exit_logits, bundle_costs
-from training.calibrate import Thresholdable, cascade, policy_family
-from training.data import load
+from training.calibrate import ExitScores, Thresholdable, cascade, cascade_thresholds, policy_family, to_gates
+from training.data import load, parse_spec
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,24 @@ def sweep(cached: Cached, family: list[Thresholdable], points: int = 41) -> list
     return sorted(out, key=lambda p: p["flops_fraction"])
 
 
-def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, points: int = 41) -> dict:
-    """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``."""
+def per_exit_sweep(cached: Cached, family: list[Thresholdable], calib: ExitScores, points: int = 41) -> list[dict]:
+    """Per-exit thresholds calibrated on ``calib`` (other data) to each desired accuracy of a grid from 0.5 to 1,
+    measured on ``cached``: exit k takes the lowest threshold whose accepted calibration samples (among those earlier
+    exits declined) reach the desired accuracy."""
+    out = []
+    for target in np.linspace(0.5, 1.0, points):
+        gates = to_gates(family, cascade_thresholds(calib, float(target)))
+        out.append({"parameter": round(float(target), 6), **cached.point(gates)})
+    return sorted(out, key=lambda p: (p["flops_fraction"], p["parameter"]))
+
+
+def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, points: int = 41,
+             calib: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``.
+
+    With ``calib`` (images and labels of other data, e.g. the validation split), every policy also gets a
+    ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here.
+    """
     bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
     tiers = [b.tier for b in bundles]
     start = time.perf_counter()
@@ -76,11 +96,15 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     calibrated = [b.gate for b in bundles[:-1]]
     early = len(bundles) - 1
     stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in bundles[:-1]))
-    policies = {kind: {"points": sweep(cached, policy_family(kind, num_early=early), points)}
-                for kind in THRESHOLD_GATES}
+    families = {kind: policy_family(kind, num_early=early) for kind in THRESHOLD_GATES}
     if "mlp" in stored:  # the fitted gate MLPs, swept over their probability threshold
-        templates = [b.policy_gate("mlp") for b in bundles[:-1]]
-        policies["mlp"] = {"points": sweep(cached, policy_family("mlp", templates, early), points)}
+        families["mlp"] = policy_family("mlp", [b.policy_gate("mlp") for b in bundles[:-1]], early)
+    policies = {kind: {"points": sweep(cached, family, points)} for kind, family in families.items()}
+    if calib is not None:
+        calib_logits = all_exit_logits(bundles, calib[0])
+        for kind, family in families.items():
+            scores = ExitScores.build(calib_logits, calib[1], family, costs, full)
+            policies[kind]["per_exit"] = per_exit_sweep(cached, family, scores, points)
     if "cost" in stored:  # one point: the trade-off was fixed by alpha at training time
         gates = [b.policy_gate("cost") for b in bundles[:-1]]
         policies["cost"] = {"alpha": gates[0].alpha,
@@ -96,6 +120,7 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
                        "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
                        "calibration": bundles[0].calibration(), **cached.point(calibrated)},
         "compute_ms_to_exit": dict(zip(tiers, cached.ms_to_exit)),
+        "calibration_samples": None if calib is None else len(calib[1]),
         "forward_seconds": forward_s,
     }
 
@@ -114,7 +139,11 @@ def plot(result: dict, path: Path) -> None:
             pts = policy["points"]
             style = {"marker": "D", "markersize": 8, "linestyle": "none"} if len(pts) == 1 else {"marker": "."}
             label = f"cost (alpha={policy['alpha']})" if kind == "cost" else kind
-            ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
+            line, = ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
+            if policy.get("per_exit") and kind in ("confidence", "mlp"):
+                pe = policy["per_exit"]
+                ax.plot([p[key] for p in pe], [p["accuracy"] for p in pe], linestyle="--", marker="x",
+                        color=line.get_color(), label=f"{kind}, per-exit thresholds for a desired accuracy")
         ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
         ax.plot([cal[key]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
         ax.set_xlabel(xlabel)
@@ -122,7 +151,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
     axes[1].set_title("accuracy against latency (segments' compute, no links)")
-    axes[1].legend(loc="lower right")
+    axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -131,10 +160,11 @@ def plot(result: dict, path: Path) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.frontier", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
-    p.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
-    p.add_argument("--split", default="test", help="split when the spec names none (default: test)")
-    p.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
+    add_data_args(p)
     p.add_argument("--points", type=positive_int, default=41, help="thresholds per policy (default 41)")
+    p.add_argument("--calibrate-on", default=None, metavar="SPLIT",
+                   help="also sweep per-exit thresholds calibrated on this split of the data (e.g. val) to desired "
+                        "accuracies from 0.5 to 1")
     p.add_argument("--out", type=Path, required=True, help="folder for frontier.json and frontier.png")
     return p
 
@@ -142,7 +172,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     data = load(args.data, args.split, limit=args.limit)
-    result = frontier(args.bundle, data.images, data.labels, args.points)
+    calib = None
+    if args.calibrate_on:
+        if parse_spec(args.data).split is not None or args.calibrate_on == args.split:
+            raise ConfigError("--calibrate-on needs a data spec without a split and another split than --split, "
+                              "e.g. --data synthetic --split test --calibrate-on val")
+        held_out = load(args.data, args.calibrate_on, limit=args.limit)
+        calib = (held_out.images, held_out.labels)
+    result = frontier(args.bundle, data.images, data.labels, args.points, calib)
     result["data"] = args.data
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
