@@ -18,6 +18,13 @@ def address(value: str) -> str:
     return value
 
 
+def port(value: str) -> int:
+    """argparse type for a TCP port number (0 = pick a free one)."""
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {value!r}")
+    return int(value)
+
+
 def positive_int(value: str) -> int:
     try:
         n = int(value)

@@ -22,6 +22,7 @@ from common.codec import DTYPES
 from common.health import SERVING, UNREACHABLE, NextTierWatcher, TierHealth
 from common.batching import DynamicBatcher
 from common.cli import address, non_negative_float, positive_float, positive_int
+from common.cli import port as port_number
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
 from common.link import parse_link
@@ -80,7 +81,7 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
                    help="seconds between checks of the next tier's health (default 0.5)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
     add_link_args(p)
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=port_number, default=None,
                    help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (on --listen's host if not "
                         "127.0.0.1; 0 = any free port)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
