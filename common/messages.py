@@ -32,7 +32,7 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
         predictions=[
             pb.Prediction(
                 sample_id=p.sample_id, label=p.label, confidence=p.confidence,
-                exit_tier=p.exit_tier, exit_index=p.exit_index,
+                exit_tier=p.exit_tier, exit_index=p.exit_index, degraded=p.degraded,
             )
             for p in answer.predictions
         ],
@@ -41,6 +41,7 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
                 tier=h.tier, samples_in=h.samples_in, samples_exited=h.samples_exited, compute_ms=h.compute_ms,
                 bytes_received=h.bytes_received, bytes_sent=h.bytes_sent, forward_ms=h.forward_ms, flops=h.flops,
                 encode_ms=h.encode_ms, decode_ms=h.decode_ms, link_ms=h.link_ms, handle_ms=h.handle_ms,
+                samples_degraded=h.samples_degraded, downstream_error=h.downstream_error,
             )
             for h in answer.trace
         ],
@@ -50,19 +51,23 @@ def reply_from_answer(answer: Answer) -> pb.InferReply:
 def answer_from_reply(reply: pb.InferReply) -> Answer:
     return Answer(
         reply.request_id,
-        [Prediction(p.sample_id, p.label, p.confidence, p.exit_tier, p.exit_index) for p in reply.predictions],
+        [Prediction(p.sample_id, p.label, p.confidence, p.exit_tier, p.exit_index, p.degraded)
+         for p in reply.predictions],
         [
             Hop(h.tier, h.samples_in, h.samples_exited, h.compute_ms, h.bytes_received, h.bytes_sent,
-                h.forward_ms, h.flops, h.encode_ms, h.decode_ms, h.link_ms, h.handle_ms)
+                h.forward_ms, h.flops, h.encode_ms, h.decode_ms, h.link_ms, h.handle_ms, h.samples_degraded,
+                h.downstream_error)
             for h in reply.trace
         ],
     )
 
 
-def answer_request(runtime: TierRuntime, request: pb.InferRequest) -> Answer:
-    """Decode ``request``, let ``runtime`` answer it, and stamp this tier's hop with decode and handling time."""
+def answer_request(runtime: TierRuntime, request: pb.InferRequest, deadline: float | None = None) -> Answer:
+    """Decode ``request``, let ``runtime`` answer it, and stamp this tier's hop with decode and handling time.
+    ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on downstream."""
     start = time.perf_counter()
     batch = batch_from_request(request)
+    batch.deadline = deadline
     decoded = time.perf_counter()
     answer = runtime.process(batch, bytes_received=request.ByteSize())
     hop = answer.trace[0]

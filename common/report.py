@@ -68,6 +68,7 @@ def build_report(
         "exits": exits,
         "exit_fraction": {t: exits[t] / n if n else 0.0 for t in exits},
         "exit_accuracy": {t: (exit_correct[t] / exits[t] if exits[t] else None) for t in exits},
+        "degraded": sum(1 for p in predictions if p.degraded),
         "bytes": {**links, "raw_input_offload": raw},
         "bytes_per_sample": {**{k: v / n if n else 0.0 for k, v in links.items()}, "raw_input_offload": raw / n if n else 0.0},
         "flops": {
@@ -153,6 +154,8 @@ def format_summary(report: dict) -> str:
     for t, k in report["exits"].items():
         lines.append(f"  {t:>6}: answered {k:6d} ({_fmt(k / n if n else None, '6.1%')})   "
                      f"accuracy {_fmt(report['exit_accuracy'][t], '.4f')}")
+    if report.get("degraded"):
+        lines.append(f"  degraded answers (next tier unreachable or out of time): {report['degraded']}")
     lines.append("  bytes/sample: " + "   ".join(f"{k} {v:,.0f}" for k, v in report["bytes_per_sample"].items()))
     f = report["flops"]
     lines.append(f"  FLOPs/sample: {f['mean_per_sample'] / 1e6:.2f} M of {f['full_network_per_sample'] / 1e6:.2f} M "

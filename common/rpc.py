@@ -18,12 +18,15 @@ from common import messages
 from common.errors import DownstreamError, RequestError
 from common.link import LinkModel
 from common.runtime import Batch, Forwarded, TierRuntime
+from common.metrics import TierMetrics
+from common.security import Security
 from common.tensor_codecs import FLOAT32, WireCodec
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitexit.rpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tier"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)  # the whole server and the Tier service report the same status
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -35,6 +38,65 @@ def grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tup
         # Retries replay the request from a buffer that defaults to 256 KiB; activations are larger.
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
     ]
+
+
+# Keepalive: a peer that vanished without closing the connection (a cut cable, a frozen host) is noticed within
+# KEEPALIVE_TIME + KEEPALIVE_TIMEOUT instead of at the next request's deadline. Servers accept pings that often.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+# Bounded retries of UNAVAILABLE with exponential backoff (Infer is a pure function of its request, so replaying it
+# is safe). gRPC applies this policy itself; the replay buffer is sized by grpc.per_rpc_retry_buffer_size.
+RETRY_POLICY = {
+    "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# Reconnect to a restarted next tier within about a second, not after gRPC's default backoff of up to 2 minutes.
+MAX_RECONNECT_BACKOFF_MS = 1_000
+# What a hop keeps of its caller's remaining time for itself when it forwards: enough to answer (degraded if need
+# be) before the caller gives up. A share of the budget, bounded to [MIN, MAX] seconds.
+DEADLINE_MARGIN_SHARE, DEADLINE_MARGIN_MIN_S, DEADLINE_MARGIN_MAX_S = 0.1, 0.02, 0.5
+NO_DEADLINE_S = 1e7  # gRPC reports "no deadline" as a remaining time of centuries
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    """Options of a channel to a tier: message limits, the retry policy, keepalive and a short reconnect backoff."""
+    config = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    """Options of a tier's server: message limits, and client keepalive pings at our channels' rate allowed."""
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+        # SO_REUSEPORT off: a second tier started on a busy port must fail, not silently share its traffic.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def forward_timeout(deadline: float | None, cap_s: float, now: float) -> float:
+    """Seconds the next hop may take: the caller's remaining budget less a margin for our own answer, at most
+    ``cap_s``; 0 or less means there is no time left to forward at all."""
+    if deadline is None:
+        return cap_s
+    remaining = deadline - now
+    margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_MIN_S, DEADLINE_MARGIN_SHARE * remaining))
+    return min(cap_s, remaining - margin)
 
 
 def message_limit(input_bytes_per_sample: int, output_bytes_per_sample: int, max_batch: int) -> int:
@@ -61,23 +123,56 @@ _DOWNSTREAM = {
 
 
 class TierServicer(pb_grpc.TierServicer):
-    """Adapts a ``TierRuntime`` to the ``Tier`` service."""
+    """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
+    call is answered UNAVAILABLE, which callers retry."""
 
-    def __init__(self, runtime: TierRuntime, description: pb.TierDescription) -> None:
+    def __init__(self, runtime: TierRuntime | None, description: pb.TierDescription | None,
+                 metrics: TierMetrics | None = None) -> None:
         self.runtime = runtime
         self.description = description
+        self.metrics = metrics
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
+        if self.runtime is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
+        t0 = time.perf_counter()
+        size = request.ByteSize()
         try:
-            answer = messages.answer_request(self.runtime, request)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+            answer = messages.answer_request(self.runtime, request, deadline)
         except RequestError as e:
-            context.abort(_CODES.get(e.code, grpc.StatusCode.INTERNAL), str(e))
+            code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
+            self._failed(request.request_id, code, t0)
+            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
+                        extra={"request_id": request.request_id, "code": code.name})
+            context.abort(code, str(e))
         except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
-            log.exception("request %s failed", request.request_id)
+            self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
+            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        seconds = time.perf_counter() - t0
+        hop = answer.trace[0]
+        if self.metrics is not None:
+            self.metrics.observe(answer, size, seconds)
+            if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
+                self.metrics.batch_ran(len(answer.predictions))
+        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+                  "ms": round(seconds * 1e3, 3)}
+        if hop.samples_degraded:
+            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
+                        hop.downstream_error, extra=fields)
+        else:
+            log.debug("request %s answered", request.request_id, extra=fields)
         return messages.reply_from_answer(answer)
 
+    def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.error(code.name, time.perf_counter() - t0)
+
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.TierDescription:
+        if self.description is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         return self.description
 
 
@@ -97,27 +192,30 @@ def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float],
 
 
 def create_server(
-    servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: Security | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
 
     The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
-    Server reflection is enabled so generic gRPC tools can list and call the service.
+    Server reflection is enabled so generic gRPC tools can list and call the service. ``security`` adds TLS (mutual
+    with a CA) and the bearer-token check.
     """
+    security = security or Security()
     # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
     # ever more large requests in memory.
-    # SO_REUSEPORT off: a second tier started on a busy port must fail, not silently share its traffic.
-    options = [*grpc_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    options = server_options(max_message_bytes)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=2 * max_workers)
+                         maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
     pb_grpc.add_TierServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
+        credentials = security.server_credentials()
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:  # grpc raises RuntimeError("Failed to bind ...") for a busy or invalid address
         raise OSError(f"could not listen on {address}: {e}") from None
     if port == 0:
@@ -128,7 +226,7 @@ def create_server(
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     """Report SERVING or NOT_SERVING for the whole server and for the Tier service."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         health_servicer.set(name, status)
 
 
@@ -144,25 +242,36 @@ def emulate_link(link: LinkModel | None, request_bytes: int, reply_bytes: int) -
 class NextTierClient:
     """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``.
 
-    ``wire`` is the codec of the tensors sent on this link; ``link``, when given, is an emulated link whose delay
-    for the actual request and reply sizes is slept after each call (see ``common.link``).
+    Each call's deadline is the batch's remaining budget less a margin (``forward_timeout``), at most ``timeout_s``;
+    UNAVAILABLE is retried by gRPC per ``RETRY_POLICY``. A batch with no time left is not sent at all. ``wire`` is
+    the codec of the tensors sent on this link; ``link``, when given, is an emulated link whose delay for the actual
+    request and reply sizes is slept after each call (see ``common.link``).
     """
 
     def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 wire: WireCodec = FLOAT32, link: LinkModel | None = None):
+                 wire: WireCodec = FLOAT32, link: LinkModel | None = None, security: Security | None = None):
         self.target = target
         self.timeout_s = timeout_s
         self.wire, self.link = wire, link
-        self.channel = grpc.insecure_channel(target, options=grpc_options(max_message_bytes))
+        self.channel = open_channel(target, security, channel_options(max_message_bytes))
+        self.metadata = (security or Security()).metadata()
         self.stub = pb_grpc.TierStub(self.channel)
+        self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
     def __call__(self, batch: Batch) -> Forwarded:
+        if not self.reachable:
+            raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
+                                  "UNAVAILABLE")
+        timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
+        if timeout <= 0:
+            raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
+                                  "UNAVAILABLE")
         start = time.perf_counter()
         request = messages.request_from_batch(batch, self.wire)
         encode_ms = (time.perf_counter() - start) * 1e3
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
-            reply = self.stub.Infer(request, timeout=self.timeout_s)
+            reply = self.stub.Infer(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
@@ -173,7 +282,8 @@ class NextTierClient:
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
         try:
-            return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, wait_for_ready=True)
+            return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, wait_for_ready=True,
+                                      metadata=self.metadata)
         except grpc.RpcError as e:
             raise DownstreamError(f"{self.target} did not answer Describe: {e.code().name}: {e.details()}") from None
 
@@ -181,10 +291,20 @@ class NextTierClient:
         self.channel.close()
 
 
-def wait_for_serving(target: str, timeout_s: float = 60.0) -> None:
+def open_channel(target: str, security: Security | None = None, options: list | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS (with our certificate for mutual TLS) when ``security`` has a CA, else plaintext."""
+    security = security or Security()
+    options = [*(options or []), *security.channel_options()]
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def wait_for_serving(target: str, timeout_s: float = 60.0, security: Security | None = None) -> None:
     """Block until the server at ``target`` reports SERVING on the standard health service."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()

@@ -25,6 +25,8 @@ class Batch:
     model_id: str
     sample_ids: list[int]
     tensor: Tensor
+    # time.monotonic() by which the caller needs the answer (None = no deadline); forwarded batches inherit it.
+    deadline: float | None = None
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Prediction:
     confidence: float
     exit_tier: str
     exit_index: int
+    degraded: bool = False  # answered by this exit only because the next tier could not be reached in time
 
 
 @dataclass
@@ -52,6 +55,8 @@ class Hop:
     decode_ms: float = 0.0  # decoding the received request (set by whoever decoded it)
     link_ms: float = 0.0  # emulated delay of the outgoing link
     handle_ms: float = 0.0  # receiving the request to the reply being ready (set by the server or local link)
+    samples_degraded: int = 0
+    downstream_error: str = ""
 
 
 @dataclass
@@ -72,6 +77,8 @@ class Forwarded:
 
 
 Forward = Callable[[Batch], Forwarded]
+ON_DOWNSTREAM_FAILURE = ("degrade", "fail")
+MAX_REQUEST_ID = 256
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,15 @@ class TierRuntime:
     """Serve one segment: run it, let the gate pick who exits here, forward the rest as one batch."""
 
     def __init__(self, spec: TierSpec, segment: nn.Module, gate: Gate, forward: Forward | None = None,
-                 compute_scale: float = 1.0) -> None:
+                 compute_scale: float = 1.0, on_downstream_failure: str = "degrade") -> None:
         if not spec.is_last and forward is None:
             raise ValueError(f"tier {spec.tier!r} is not the last tier and needs a next tier to forward to")
+        if on_downstream_failure not in ON_DOWNSTREAM_FAILURE:
+            raise ValueError(f"on_downstream_failure must be one of {ON_DOWNSTREAM_FAILURE}")
+        # "degrade": when the next tier is unreachable or the deadline runs out (a DownstreamError with code
+        # UNAVAILABLE), answer the forwarded samples with this tier's own exit, marked degraded. "fail": pass the
+        # error on. A next tier that *refuses* the samples (any other code) is a broken deployment: always an error.
+        self.on_downstream_failure = on_downstream_failure
         self.spec = spec
         self.segment = segment.eval()
         # The last tier always answers, whatever gate its manifest names.
@@ -106,6 +119,8 @@ class TierRuntime:
     def validate(self, batch: Batch) -> None:
         """Raise ``InvalidRequest`` / ``PreconditionFailed`` when ``batch`` cannot be served by this tier."""
         s = self.spec
+        if len(batch.request_id) > MAX_REQUEST_ID:  # ids end up in logs and traces: keep them short
+            raise InvalidRequest(f"request id of {len(batch.request_id)} characters; the limit is {MAX_REQUEST_ID}")
         if batch.model_id != s.model_id:
             raise PreconditionFailed(f"model id {batch.model_id!r} does not match this tier's model {s.model_id!r}")
         n = len(batch.sample_ids)
@@ -151,9 +166,21 @@ class TierRuntime:
         trace = [hop]
         rest = torch.nonzero(~exits).flatten()
         if len(rest):
-            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest.tolist()], features[rest])
+            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest.tolist()], features[rest],
+                           batch.deadline)
             t0 = time.perf_counter()
-            forwarded = self.forward(onward)
+            try:
+                forwarded = self.forward(onward)
+            except DownstreamError as e:
+                hop.forward_ms = (time.perf_counter() - t0) * 1e3
+                if e.code != "UNAVAILABLE" or self.on_downstream_failure != "degrade":
+                    raise
+                # Answer what we would have forwarded with our own exit: worse than the next tier, but an answer.
+                for i in rest.tolist():
+                    by_id[ids[i]] = Prediction(ids[i], int(stats["label"][i]), float(stats["confidence"][i]),
+                                               s.tier, s.exit_index, degraded=True)
+                hop.samples_degraded, hop.downstream_error = len(rest), str(e)
+                return Answer(batch.request_id, [by_id[i] for i in ids], trace)
             hop.forward_ms = (time.perf_counter() - t0) * 1e3
             hop.bytes_sent = forwarded.request_bytes
             hop.encode_ms, hop.link_ms = forwarded.encode_ms, forwarded.link_ms

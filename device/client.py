@@ -19,17 +19,18 @@ from common.local import evaluate_in_process
 from common.report import compare
 from common.rpc import NextTierClient
 from common.plugins import use_plugins
+from common.security import Security, add_security_args, security_from_args
 from common.tensor_codecs import WireCodec, add_codec_args, parse_wire_codec
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
                gates: dict[str, Gate] | None = None, timeout_s: float = 120.0, policy: str | None = None,
-               wires: dict[str, WireCodec] | None = None) -> dict:
+               wires: dict[str, WireCodec] | None = None, security: Security | None = None) -> dict:
     """Feed ``images`` to the device tier at ``target``; compare with the in-process chain when ``bundle`` is given.
 
     ``wires`` (tier -> codec of its outgoing link) must name the codecs the tiers were started with, so that the
     in-process chain sees the same decoded tensors."""
-    client = NextTierClient(target, timeout_s=timeout_s)
+    client = NextTierClient(target, timeout_s=timeout_s, security=security)
     try:
         info = client.describe()
         report, records = feed_and_report(client, images, labels, info.model_id, batch_size, list(info.tiers),
@@ -51,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_args(p, gate_help="TIER=SPEC gate the tiers were started with, for the in-process comparison")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
     add_codec_args(p)  # for the in-process comparison: the codec every tier was started with
+    add_security_args(p)
     return p
 
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load(args.data, args.split, limit=args.limit)
     wire = parse_wire_codec(args.codec, args.compress)
     report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout,
-                        args.policy, wires={t: wire for t in ("device", "edge")})
+                        args.policy, wires={t: wire for t in ("device", "edge")}, security=security_from_args(args))
     emit_report(report, args)
     return 0
 

@@ -37,21 +37,23 @@ class InferRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("sample_id", "label", "confidence", "exit_tier", "exit_index")
+    __slots__ = ("sample_id", "label", "confidence", "exit_tier", "exit_index", "degraded")
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     EXIT_TIER_FIELD_NUMBER: _ClassVar[int]
     EXIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     sample_id: int
     label: int
     confidence: float
     exit_tier: str
     exit_index: int
-    def __init__(self, sample_id: _Optional[int] = ..., label: _Optional[int] = ..., confidence: _Optional[float] = ..., exit_tier: _Optional[str] = ..., exit_index: _Optional[int] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, sample_id: _Optional[int] = ..., label: _Optional[int] = ..., confidence: _Optional[float] = ..., exit_tier: _Optional[str] = ..., exit_index: _Optional[int] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class HopTrace(_message.Message):
-    __slots__ = ("tier", "samples_in", "samples_exited", "compute_ms", "bytes_received", "bytes_sent", "forward_ms", "flops", "encode_ms", "decode_ms", "link_ms", "handle_ms")
+    __slots__ = ("tier", "samples_in", "samples_exited", "compute_ms", "bytes_received", "bytes_sent", "forward_ms", "flops", "encode_ms", "decode_ms", "link_ms", "handle_ms", "samples_degraded", "downstream_error")
     TIER_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_IN_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_EXITED_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,8 @@ class HopTrace(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     LINK_MS_FIELD_NUMBER: _ClassVar[int]
     HANDLE_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_ERROR_FIELD_NUMBER: _ClassVar[int]
     tier: str
     samples_in: int
     samples_exited: int
@@ -76,7 +80,9 @@ class HopTrace(_message.Message):
     decode_ms: float
     link_ms: float
     handle_ms: float
-    def __init__(self, tier: _Optional[str] = ..., samples_in: _Optional[int] = ..., samples_exited: _Optional[int] = ..., compute_ms: _Optional[float] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., forward_ms: _Optional[float] = ..., flops: _Optional[float] = ..., encode_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., link_ms: _Optional[float] = ..., handle_ms: _Optional[float] = ...) -> None: ...
+    samples_degraded: int
+    downstream_error: str
+    def __init__(self, tier: _Optional[str] = ..., samples_in: _Optional[int] = ..., samples_exited: _Optional[int] = ..., compute_ms: _Optional[float] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., forward_ms: _Optional[float] = ..., flops: _Optional[float] = ..., encode_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., link_ms: _Optional[float] = ..., handle_ms: _Optional[float] = ..., samples_degraded: _Optional[int] = ..., downstream_error: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("request_id", "predictions", "trace")

@@ -25,6 +25,7 @@ from common.cli import add_run_args, emit_report, run, tier_gates
 from common.errors import SplitExitError
 from common.gates import Gate, format_gate
 from common.rpc import wait_for_serving
+from common.security import Security
 from common.tier_main import PARENT_PID_ENV
 from common.plugins import use_plugins
 from common.link import parse_link
@@ -59,6 +60,7 @@ class LocalDeployment:
     log_dir: Path | None = None
     # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy.
     link: Callable[[str, str], str] | None = None
+    security: Security | None = None  # how to reach the tiers' health service when they speak TLS
     startup_timeout_s: float = 120.0
     grace_s: float = 5.0
     processes: list[TierProcess] = field(default_factory=list)
@@ -88,7 +90,7 @@ class LocalDeployment:
                 proc = self._start(tier, folder, next_address, log_dir)
                 next_address = proc.address
             for proc in self.processes:
-                wait_for_serving(proc.address, self.startup_timeout_s)
+                wait_for_serving(proc.address, self.startup_timeout_s, self.security)
         except BaseException:
             self.stop()
             raise
@@ -97,19 +99,23 @@ class LocalDeployment:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _start(self, tier: str, folder: Path, next_address: str | None, log_dir: Path) -> TierProcess:
+    def _start(self, tier: str, folder: Path, next_address: str | None, log_dir: Path, port: int = 0) -> TierProcess:
         ready = Path(self._tmp.name) / f"{tier}.addr"
-        cmd = [sys.executable, "-m", tier, "--bundle", str(folder), "--listen", f"{self.host}:0",
+        ready.unlink(missing_ok=True)
+        if next_address and self.link and port == 0:  # a restart (port given) reuses the address it was told
+            next_address = self.link(tier, next_address)
+        self._launch = {**getattr(self, "_launch", {}), tier: (folder, next_address, log_dir)}
+        cmd = [sys.executable, "-m", tier, "--bundle", str(folder), "--listen", f"{self.host}:{port}",
                "--ready-file", str(ready), "--grace", str(self.grace_s)]
         if next_address:
-            cmd += ["--next", self.link(tier, next_address) if self.link else next_address]
+            cmd += ["--next", next_address]
         if self.policy:
             cmd += ["--policy", self.policy]
         if tier in self.gates:
             cmd += ["--gate", format_gate(self.gates[tier])]
         cmd += self.extra_args.get(tier, [])
         log_path = log_dir / f"{tier}.log"
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:
             # The tier asks the kernel to SIGTERM it when we die (see common.tier_main.die_with_parent).
             env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
             popen = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -124,6 +130,28 @@ class LocalDeployment:
                 raise SplitExitError(f"the {tier} tier did not start within {self.startup_timeout_s:.0f} s")
             time.sleep(0.05)
         proc.address = ready.read_text().strip()
+        return proc
+
+    def kill(self, tier: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one tier's process and reap it (fault tests); ``restart`` brings the tier back."""
+        proc = next(p for p in self.processes if p.tier == tier)
+        proc.process.send_signal(sig)
+        proc.process.wait(timeout=self.grace_s + 30)
+
+    def restart(self, tier: str) -> TierProcess:
+        """Start ``tier`` again on the address and with the flags it had; return once it reports SERVING.
+
+        Call it from a thread that outlives the tier: the kernel stops a tier when the *thread* that started it ends.
+        """
+        index = next(i for i, p in enumerate(self.processes) if p.tier == tier)
+        old = self.processes.pop(index)
+        if old.process.poll() is None:
+            self.processes.insert(index, old)
+            raise SplitExitError(f"the {tier} tier is still running")
+        folder, next_address, log_dir = self._launch[tier]
+        proc = self._start(tier, folder, next_address, log_dir, port=int(old.address.rpartition(":")[2]))
+        self.processes.insert(index, self.processes.pop())
+        wait_for_serving(proc.address, self.startup_timeout_s, self.security)
         return proc
 
     def stop(self) -> None:
