@@ -25,34 +25,30 @@ def port(value: str) -> int:
     return int(value)
 
 
-def positive_int(value: str) -> int:
+def _checked_number(value: str, cast: Callable[[str], float], ok: Callable[[float], bool], what: str):
+    """Parse ``value`` with ``cast`` and accept it only if ``ok``; otherwise one argparse error naming ``what``."""
     try:
-        n = int(value)
+        x = cast(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if not ok(x):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    return x
+
+
+def positive_int(value: str) -> int:
+    """argparse type for an integer > 0."""
+    return _checked_number(value, int, lambda n: n > 0, "a positive integer")
 
 
 def positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return x
+    """argparse type for a finite number > 0."""
+    return _checked_number(value, float, lambda x: 0 < x < float("inf"), "a positive number")
 
 
 def non_negative_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not 0 <= x < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return x
+    """argparse type for a finite number >= 0."""
+    return _checked_number(value, float, lambda x: 0 <= x < float("inf"), "a number >= 0")
 
 
 def tier_gates(values: list[str] | None) -> dict:
