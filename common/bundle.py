@@ -46,6 +46,15 @@ class TierBundle:
             raise ConfigError(f"the {self.tier} bundle has no policy {name!r}; it has: {', '.join(stored) or 'none'}")
         return gate_from_dict(stored[name])
 
+    def served_policy(self, policy: str | None = None, overridden: bool = False) -> tuple[str, dict]:
+        """The name of the policy this tier serves and how its thresholds were calibrated: ``policy`` or the active
+        one; ``("command-line", {})`` when a gate override replaces it; no record on the last tier."""
+        if overridden:
+            return "command-line", {}
+        name = policy or self.manifest.get("policy") or ""
+        last = self.manifest["tier_index"] == len(self.manifest["tiers"]) - 1
+        return name, {} if last else self.calibration(name)
+
     def calibration(self, policy: str | None = None) -> dict:
         """How the thresholds of ``policy`` (default: the active one) were calibrated; empty when unknown."""
         return dict((self.manifest.get("calibration") or {}).get(policy or self.manifest.get("policy"), {}))

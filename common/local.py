@@ -108,7 +108,6 @@ def evaluate_in_process(root: Path, images: torch.Tensor, labels: torch.Tensor, 
     m = bundles[0].manifest
     report, records = feed_and_report(LocalLink(first), images, labels, m["model_id"], batch_size, m["tiers"],
                                       m["flops"]["full_network"], run_id="in-process")
-    overridden = bool(gates) and bundles[0].tier in gates
-    name = "command-line" if overridden else policy or m.get("policy") or ""
-    report["calibration"] = {"policy": name, **({} if overridden else bundles[0].calibration(name))}
+    name, record = bundles[0].served_policy(policy, overridden=bundles[0].tier in (gates or {}))
+    report["calibration"] = {"policy": name, **record}
     return report, records

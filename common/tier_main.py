@@ -160,14 +160,13 @@ def main(tier: str, argv: list[str] | None = None) -> int:
         bundle = load_tier_bundle(folder)
         spec = bundle.tier_spec(max_batch=args.max_batch)
         gate = parse_gate(args.gate) if args.gate else bundle.policy_gate(args.policy) if args.policy else bundle.gate
-        policy = "command-line" if args.gate else args.policy or m.get("policy") or ""
+        policy, calibration = bundle.served_policy(args.policy, overridden=bool(args.gate))
         forward = (NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=limit, wire=wire, link=link,
                                   security=security) if args.next else None)
         runtime = TierRuntime(spec, bundle.segment, gate, forward, compute_scale=args.compute_scale,
                               on_downstream_failure=args.on_downstream_failure)
         kind, g = runtime.gate.kind, scalar_params(runtime.gate)
-        servicer.description = describe_tier(m, kind, g, args.next or "", policy,
-                                             {} if args.gate or spec.is_last else bundle.calibration(policy))
+        servicer.description = describe_tier(m, kind, g, args.next or "", policy, calibration)
         batcher = (DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers,
                                   on_batch=metrics.batch_ran) if args.max_queue_delay_ms > 0 else None)
         servicer.runtime = batcher or runtime

@@ -78,6 +78,18 @@ def policy_family(policy: str, templates: list[Gate] | None = None, num_early: i
                       f"; use one of {', '.join(POLICIES)}"))
 
 
+def bundle_families(bundles: list) -> dict[str, list[Thresholdable]]:
+    """Every policy the loaded tier bundles (``common.bundle.TierBundle``, in order) can threshold: the statistic
+    gates, and the learned ``mlp`` / ``cost`` gates the early tiers all store."""
+    early = bundles[:-1]
+    stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in early))
+    families = {kind: policy_family(kind, num_early=len(early)) for kind in THRESHOLD_GATES}
+    for kind in ("mlp", "cost"):
+        if kind in stored:
+            families[kind] = policy_family(kind, [b.policy_gate(kind) for b in early], len(early))
+    return families
+
+
 def calibrate_gates(exit_logits: list[Tensor], labels: Tensor, target: float,
                     kind: str | list[Thresholdable] = "confidence") -> list[Gate]:
     """One gate per early exit (all but the last), calibrated in cascade order to ``target`` accuracy."""

@@ -28,9 +28,8 @@ import torch
 from common.bundle import find_tier_folders, load_tier_bundle
 from common.cli import add_data_args, positive_int, run
 from common.errors import ConfigError
-from common.gates import THRESHOLD_GATES
 from common.local import all_exit_logits, bundle_costs
-from training.calibrate import ExitScores, Objective, ltt_thresholds, naive_thresholds, policy_family
+from training.calibrate import ExitScores, Objective, bundle_families, ltt_thresholds, naive_thresholds
 from training.data import load
 from training.risk import BOUNDS
 
@@ -44,14 +43,8 @@ def policy_scores(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor)
     logits = all_exit_logits(bundles, images)
     forward_s = time.perf_counter() - start
     costs, full = bundle_costs(bundles)
-    early = len(bundles) - 1
-    stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in bundles[:-1]))
-    out = {kind: ExitScores.build(logits, labels, policy_family(kind, num_early=early), costs, full)
-           for kind in THRESHOLD_GATES}
-    for kind in ("mlp", "cost"):
-        if kind in stored:
-            family = policy_family(kind, [b.policy_gate(kind) for b in bundles[:-1]], early)
-            out[kind] = ExitScores.build(logits, labels, family, costs, full)
+    out = {kind: ExitScores.build(logits, labels, family, costs, full)
+           for kind, family in bundle_families(bundles).items()}
     facts = {"model_id": bundles[0].model_id, "tiers": [b.tier for b in bundles], "forward_seconds": forward_s,
              "final_accuracy": float((logits[-1].argmax(1) == labels).double().mean())}
     return out, facts

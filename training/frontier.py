@@ -26,9 +26,10 @@ import torch
 from common.bundle import find_tier_folders, load_tier_bundle
 from common.cli import add_data_args, positive_int, run
 from common.errors import ConfigError
-from common.gates import THRESHOLD_GATES, ConstantGate, Gate, gate_to_dict
+from common.gates import ConstantGate, Gate, gate_to_dict
 from common.local import all_exit_logits, bundle_costs
-from training.calibrate import ExitScores, Thresholdable, cascade, cascade_thresholds, policy_family, to_gates
+from training.calibrate import (ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds,
+                                to_gates)
 from training.data import load, parse_spec
 
 
@@ -94,18 +95,16 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     cached = Cached(logits, labels, costs, full, tiers,
                     list(np.cumsum([1000 * s / len(labels) for s in seconds])))
     calibrated = [b.gate for b in bundles[:-1]]
-    early = len(bundles) - 1
-    stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in bundles[:-1]))
-    families = {kind: policy_family(kind, num_early=early) for kind in THRESHOLD_GATES}
-    if "mlp" in stored:  # the fitted gate MLPs, swept over their probability threshold
-        families["mlp"] = policy_family("mlp", [b.policy_gate("mlp") for b in bundles[:-1]], early)
+    families = bundle_families(bundles)
+    # The fitted cost gates are one point (their trade-off was fixed by alpha), not a sweep.
+    cost_stored = families.pop("cost", None) is not None
     policies = {kind: {"points": sweep(cached, family, points)} for kind, family in families.items()}
     if calib is not None:
         calib_logits = all_exit_logits(bundles, calib[0])
         for kind, family in families.items():
             scores = ExitScores.build(calib_logits, calib[1], family, costs, full)
             policies[kind]["per_exit"] = per_exit_sweep(cached, family, scores, points)
-    if "cost" in stored:  # one point: the trade-off was fixed by alpha at training time
+    if cost_stored:
         gates = [b.policy_gate("cost") for b in bundles[:-1]]
         policies["cost"] = {"alpha": gates[0].alpha,
                             "points": [{"parameter": gates[0].alpha, **cached.point(gates)}]}
