@@ -21,6 +21,7 @@ from common.gates import POLICY_NAMES, Gate, gate_from_dict, gate_to_dict
 from common.models import ModelSpec, MultiExitNet
 from common.runtime import TierSpec
 from common.split import TIER_NAMES, Segment, SegmentPlan, build_segment, plan_segments, segment_flops
+from common.tensor_codecs import WireCodec, wire_from_dict, wire_to_dict
 
 FORMAT = "splitexit-bundle/1"
 MANIFEST = "manifest.json"
@@ -59,6 +60,10 @@ class TierBundle:
         """How the thresholds of ``policy`` (default: the active one) were calibrated; empty when unknown."""
         return dict((self.manifest.get("calibration") or {}).get(policy or self.manifest.get("policy"), {}))
 
+    def link_codec(self) -> WireCodec:
+        """The codec this tier's outgoing link uses unless told otherwise (float32 when the bundle names none)."""
+        return wire_from_dict(self.manifest.get("link"))
+
     @property
     def tier(self) -> str:
         return self.manifest["tier"]
@@ -91,17 +96,20 @@ def _plan_dict(plan: SegmentPlan, spec: ModelSpec) -> dict:
 def export_bundles(
     model: MultiExitNet, gates: list[Gate], out: Path, class_names: list[str], tiers: tuple[str, ...] = TIER_NAMES,
     policies: dict[str, list[Gate]] | None = None, active: str | None = None,
-    calibration: dict[str, dict] | None = None,
+    calibration: dict[str, dict] | None = None, wires: list[WireCodec] | None = None,
 ) -> list[Path]:
     """Write one bundle folder per tier under ``out``; ``gates[i]`` guards tier i's exit (the last is ignored).
 
     ``policies`` (name -> one gate per early exit) are stored too, so a tier can switch policy at start-up
     (``--policy NAME``) without retraining; ``active`` names the policy ``gates`` came from. ``calibration``
     (policy name -> how its thresholds were chosen: method, objective, target, delta, ...) goes with the early tiers.
+    ``wires[i]`` is the codec tier i's outgoing link uses by default (a planner's choice; float32 if not given).
     """
     spec = model.spec
     plans = plan_segments(spec, model.backbone.stage_names, tiers)
     policies = policies or {}
+    if wires is not None and len(wires) != len(plans) - 1:
+        raise ConfigError(f"need one link codec for each of the {len(plans) - 1} links, got {len(wires)}")
     for name, gs in {"gates": gates, **policies}.items():
         if len(gs) != len(plans) - 1:
             raise ConfigError(f"{name}: need one gate for each of the {len(plans) - 1} early exits, got {len(gs)}")
@@ -139,6 +147,7 @@ def export_bundles(
             "policy": active if not plan.is_last else "final",
             "policies": {} if plan.is_last else {n: gate_to_dict(gs[plan.index]) for n, gs in policies.items()},
             "calibration": {} if plan.is_last else dict(calibration or {}),
+            "link": None if plan.is_last or wires is None else wire_to_dict(wires[plan.index]),
             "input": {
                 "shape": list(x_in.shape[1:]),
                 "dtype": str(x_in.dtype).removeprefix("torch."),
@@ -210,6 +219,10 @@ def _check_manifest(m: dict, path: Path) -> None:
     calibration = m.get("calibration", {})
     if not isinstance(calibration, dict) or not all(isinstance(c, dict) for c in calibration.values()):
         raise ConfigError(f"{path}: calibration must map policy names to objects")
+    if m.get("link") is not None:
+        if not isinstance(m["link"], dict):
+            raise ConfigError(f"{path}: link must be an object naming the outgoing link's codec")
+        wire_from_dict(m["link"])
     if "exit_index" not in m["segment"]:
         raise ConfigError(f"{path}: segment.exit_index is missing")
 

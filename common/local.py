@@ -46,12 +46,12 @@ class LocalLink:
 def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = None,
                    wires: dict[str, WireCodec] | None = None) -> TierRuntime:
     """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates;
-    ``wires`` maps a tier to the codec of its outgoing link (float32 where absent)."""
+    ``wires`` maps a tier to the codec of its outgoing link (where absent: the one its bundle names, else float32)."""
     gates = gates or [None] * len(bundles)
     wires = wires or {}
     runtime = None
     for bundle, gate in reversed(list(zip(bundles, gates, strict=True))):
-        forward = LocalLink(runtime, wires.get(bundle.tier, FLOAT32)) if runtime is not None else None
+        forward = LocalLink(runtime, wires.get(bundle.tier, bundle.link_codec())) if runtime is not None else None
         runtime = TierRuntime(bundle.tier_spec(), bundle.segment, gate or bundle.gate, forward)
     return runtime
 

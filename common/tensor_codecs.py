@@ -69,17 +69,40 @@ def parse_wire_codec(name: str = "float32", compress: str | None = None) -> Wire
     return WireCodec(name, kind, int(level) if level else 6)
 
 
+def wire_to_dict(wire: WireCodec) -> dict:
+    return {"codec": wire.name, "compression": wire.compression, "level": wire.level}
+
+
+def wire_from_dict(d: dict | None) -> WireCodec:
+    """A codec stored by ``wire_to_dict`` (float32 when nothing is stored)."""
+    d = d or {}
+    try:
+        return WireCodec(d.get("codec", "float32"), d.get("compression", ""), int(d.get("level", 6)))
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad link codec record {d!r}") from None
+
+
 def add_codec_args(parser) -> None:
-    """``--codec`` and ``--compress`` for commands that choose (or must know) a link's codec."""
-    parser.add_argument("--codec", default="float32", choices=ELEMENT_CODECS,
-                        help="encoding of the tensors sent on the outgoing link(s) (default float32, exact)")
+    """``--codec`` and ``--compress`` for commands that choose (or must know) a link's codec. Without either, a
+    tier uses the codec its bundle names (a planner export names one), else float32."""
+    parser.add_argument("--codec", default=None, choices=ELEMENT_CODECS,
+                        help="encoding of the tensors sent on the outgoing link(s) (default: the bundle's, else "
+                             "float32, exact)")
     parser.add_argument("--compress", default=None, help="lossless compression of the encoded bytes: zlib[:LEVEL]")
 
 
-def link_args(wire: WireCodec, link=None) -> list[str]:
-    """The tier command-line flags that select ``wire`` (and the emulated ``link``, a ``LinkModel``)."""
-    args = ["--codec", wire.name]
-    if wire.compression:
+def wire_from_args(args) -> WireCodec | None:
+    """The codec ``--codec`` / ``--compress`` choose, or ``None`` when neither is given (use the bundle's)."""
+    if args.codec is None and args.compress is None:
+        return None
+    return parse_wire_codec(args.codec or "float32", args.compress)
+
+
+def link_args(wire: WireCodec | None, link=None) -> list[str]:
+    """The tier command-line flags that select ``wire`` (none: the bundle's) and the emulated ``link``, a
+    ``LinkModel``."""
+    args = [] if wire is None else ["--codec", wire.name]
+    if wire is not None and wire.compression:
         args += ["--compress", f"{wire.compression}:{wire.level}"]
     if link is not None:
         args += ["--link", str(link)]

@@ -26,7 +26,7 @@ from common.cli import port as port_number
 from common.errors import ConfigError
 from common.gates import parse_gate, scalar_params
 from common.link import parse_link
-from common.tensor_codecs import add_codec_args, parse_wire_codec
+from common.tensor_codecs import add_codec_args, wire_from_args, wire_from_dict
 from common.plugins import add_plugin_arg, use_plugins
 from common.rpc import HEALTH_SERVICES, NextTierClient, TierServicer, create_server, describe_tier, message_limit
 from common.metrics import JsonFormatter, TierMetrics
@@ -124,7 +124,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     args = get_args_parser(tier).parse_args(argv)
     security = security_from_args(args)
     die_with_parent()
-    wire = parse_wire_codec(args.codec, args.compress)
+    wire = wire_from_args(args)
     link = parse_link(args.link) if args.link else None
     if not 0 < args.compute_scale < math.inf:
         raise ConfigError(f"--compute-scale must be a positive number, got {args.compute_scale}")
@@ -134,6 +134,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     folder = args.bundle / tier if (args.bundle / tier / "manifest.json").is_file() else args.bundle
     use_plugins(args.plugin)
     m = read_manifest(folder)  # cheap: enough to size messages and to check the tier before serving
+    wire = wire or wire_from_dict(m.get("link"))
     if m["tier"] != tier:
         raise ConfigError(f"{folder} is the {m['tier']} bundle, not the {tier} bundle")
     is_last = m["tier_index"] == len(m["tiers"]) - 1

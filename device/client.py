@@ -20,7 +20,7 @@ from common.report import compare
 from common.rpc import NextTierClient
 from common.plugins import use_plugins
 from common.security import Security, add_security_args, security_from_args
-from common.tensor_codecs import WireCodec, add_codec_args, parse_wire_codec
+from common.tensor_codecs import WireCodec, add_codec_args, wire_from_args
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     use_plugins(args.plugin)
     gates = tier_gates(args.gate)
     data = load(args.data, args.split, limit=args.limit)
-    wire = parse_wire_codec(args.codec, args.compress)
+    wire = wire_from_args(args)  # None: the tiers use their bundles' codecs
+    wires = {t: wire for t in ("device", "edge")} if wire else None
     report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout,
-                        args.policy, wires={t: wire for t in ("device", "edge")}, security=security_from_args(args))
+                        args.policy, wires=wires, security=security_from_args(args))
     emit_report(report, args)
     return 0
 

@@ -30,6 +30,7 @@ import torch
 from common.baselines import (Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime)
 from common.bundle import find_tier_folders, load_tier_bundle
 from common.cli import positive_int, run
+from common.cost_model import parse_profile
 from common.errors import ConfigError
 from common.feed import feed, feed_and_report
 from common.gates import ConstantGate
@@ -42,22 +43,6 @@ from scripts.launch_local import LocalDeployment
 
 NEVER = ConstantGate(False)
 SECTIONS = {"serving_overhead", "codecs", "baselines"}
-
-
-def parse_scales(text: str, tiers: list[str]) -> list[float]:
-    """``device=4,edge=2,cloud=1`` -> one compute scale per tier (1 where not named)."""
-    scales = dict.fromkeys(tiers, 1.0)
-    for item in filter(None, text.split(",")):
-        tier, sep, value = item.partition("=")
-        if not sep or tier not in scales:
-            raise ConfigError(f"bad compute profile {item!r}: expected TIER=S with TIER one of {tiers}")
-        try:
-            scales[tier] = float(value)
-        except ValueError:
-            raise ConfigError(f"bad compute scale {value!r} for {tier}") from None
-        if not scales[tier] > 0:
-            raise ConfigError(f"compute scale of {tier} must be positive")
-    return [scales[t] for t in tiers]
 
 
 def train_small(out: Path, quick: bool) -> Path:
@@ -285,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
     tiers = [b.tier for b in bundles]
-    scales = parse_scales(args.compute_scale, tiers)
+    scales = parse_profile(args.compute_scale, tiers)
     link_names = [f"{a}_to_{b}" for a, b in zip(tiers, tiers[1:])]
     data = load(args.data, "test", limit=args.limit or (256 if args.quick else 2000))
     print(f"measuring on {len(data.images)} images from {args.data}, batch {args.batch_size}", flush=True)

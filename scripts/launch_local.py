@@ -29,7 +29,7 @@ from common.security import Security
 from common.tier_main import PARENT_PID_ENV
 from common.plugins import use_plugins
 from common.link import parse_link
-from common.tensor_codecs import add_codec_args, link_args, parse_wire_codec
+from common.tensor_codecs import add_codec_args, link_args, wire_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     use_plugins(args.plugin)
     gates = tier_gates(args.gate)
-    wire = parse_wire_codec(args.codec, args.compress)
+    wire = wire_from_args(args)  # None: every tier uses its bundle's codec
     link = parse_link(args.link) if args.link else None
     deployment = LocalDeployment(args.bundle, host=args.host, gates=gates, policy=args.policy, log_dir=args.log_dir)
     deployment.extra_args = {t: link_args(wire, link) for t in deployment.tiers[:-1]}
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
                             None if args.no_compare else args.bundle, gates, policy=args.policy,
-                            wires={t: wire for t in deployment.tiers[:-1]})
+                            wires={t: wire for t in deployment.tiers[:-1]} if wire else None)
     emit_report(report, args)
     return 0
 

@@ -8,7 +8,7 @@ from common.feed import feed_and_report
 from common.gates import ConstantGate
 from common.link import LinkModel
 from common.tensor_codecs import FLOAT32
-from scripts.bench_pipeline import parse_scales
+from common.cost_model import parse_profile
 
 TIERS = ["device", "edge", "cloud"]
 
@@ -34,8 +34,8 @@ def test_whole_network_baselines_agree_with_the_split_without_exits(tiny_bundle,
     assert raw["latency_ms"]["p50"] >= 1.0  # the emulated round trip is in the measured latency
 
 
-def test_parse_scales():
-    assert parse_scales("device=4,cloud=0.5", TIERS) == [4.0, 1.0, 0.5]
+def test_parse_profile():
+    assert parse_profile("device=4,cloud=0.5", TIERS) == [4.0, 1.0, 0.5]
     for bad in ("phone=2", "device", "device=x", "device=0"):
         with pytest.raises(ConfigError):
-            parse_scales(bad, TIERS)
+            parse_profile(bad, TIERS)

@@ -112,20 +112,30 @@ class ExitScores:
     labels: np.ndarray  # (N,)
     costs: np.ndarray   # (exits,)
     full: float         # the whole network's cost (costs are reported as a fraction of it)
+    # Per-sample correctness that a drop is measured against; None: the final exit's own. The planner sets it to
+    # the float32 network's when a lossy link codec changes what the later exits see.
+    reference: np.ndarray | None = None
 
     @classmethod
     def build(cls, exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float],
-              full: float | None = None) -> "ExitScores":
+              full: float | None = None, reference: Tensor | None = None) -> "ExitScores":
+        """``reference``: logits of the classifier a drop is measured against (default: the final exit)."""
         scores = np.stack([fam.score(lg) for fam, lg in zip(family, exit_logits[:-1])]).reshape(len(family), -1)
         preds = torch.stack([lg.argmax(1) for lg in exit_logits]).numpy()
+        ref = None if reference is None else (reference.argmax(1) == labels).numpy()
         return cls(scores, preds, labels.numpy(), np.asarray(costs, dtype=np.float64),
-                   float(costs[-1] if full is None else full))
+                   float(costs[-1] if full is None else full), ref)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> "ExitScores":
-        return ExitScores(self.scores[:, idx], self.preds[:, idx], self.labels[idx], self.costs, self.full)
+        return ExitScores(self.scores[:, idx], self.preds[:, idx], self.labels[idx], self.costs, self.full,
+                          None if self.reference is None else self.reference[idx])
+
+    def reference_correct(self) -> np.ndarray:
+        """Which samples the reference answers correctly (the final exit unless ``reference`` is set)."""
+        return self.preds[-1] == self.labels if self.reference is None else self.reference
 
     def exit_of(self, thresholds: list[float | None]) -> np.ndarray:
         """Exit index each sample leaves at; ``None`` is a gate that never accepts."""
@@ -146,7 +156,7 @@ class ExitScores:
         """Accuracy, accuracy drop against the final exit (points), mean cost fraction and exit counts."""
         exit_of = self.exit_of(thresholds)
         acc = float(self.correct_at(exit_of).mean())
-        final = float((self.preds[-1] == self.labels).mean())
+        final = float(self.reference_correct().mean())
         return {"accuracy": acc, "drop": 100 * (final - acc),
                 "flops_fraction": float(self.costs[exit_of].mean()) / self.full,
                 "exit_counts": np.bincount(exit_of, minlength=len(self.preds)).tolist()}
@@ -213,7 +223,7 @@ class Objective:
         """Per-sample losses in [0, 1] and the bound their mean must stay under for the promise to hold."""
         exit_of = es.exit_of(thresholds)
         if self.kind == "drop":  # (final right - answer right + 1) / 2, mean <= (1 + D) / 2  <=>  drop <= D
-            diff = (es.preds[-1] == es.labels).astype(np.float64) - es.correct_at(exit_of)
+            diff = es.reference_correct().astype(np.float64) - es.correct_at(exit_of)
             return (diff + 1) / 2, (1 + self.value / 100) / 2
         if self.kind == "accuracy":
             return (~es.correct_at(exit_of)).astype(np.float64), 1 - self.value
@@ -239,7 +249,7 @@ def candidate_thresholds(es: ExitScores) -> list[list[float | None]]:
 def naive_thresholds(es: ExitScores, objective: Objective) -> tuple[list[float | None], dict]:
     """The best thresholds on ``es`` itself: the cheapest that meet a drop or accuracy target, the most accurate
     that fit a budget. No guarantee beyond the data searched."""
-    final_acc = float((es.preds[-1] == es.labels).mean())
+    final_acc = float(es.reference_correct().mean())
     info = {"method": "naive", **objective.describe(), "final_accuracy": final_acc, "samples": len(es)}
     if objective.kind == "per_exit":
         info["target"] = final_acc
@@ -278,14 +288,17 @@ def ltt_thresholds(path: ExitScores, test: ExitScores, objective: Objective, del
     cost = {i: path.outcome(th)["flops_fraction"] for i, th in enumerate(cands)}
     order = sorted(range(len(cands)), key=lambda i: (cost[i] if objective.kind == "budget" else -cost[i], i))
     ordered = [cands[i] for i in order]
-    if objective.kind == "drop":  # never exiting early loses exactly nothing: safe without a test
+    # Never exiting early loses exactly nothing against the final exit: safe without a test (not so against
+    # another reference).
+    safe_first = objective.kind == "drop" and test.reference is None
+    if safe_first:
         ordered.remove([None] * len(path.scores))
         ordered.insert(0, [None] * len(path.scores))
     pvals: list[float] = []
 
     def lazy():
         for k, th in enumerate(ordered):
-            if k == 0 and objective.kind == "drop":
+            if k == 0 and safe_first:
                 p = 0.0
             else:
                 losses, limit = objective.losses(test, th)
@@ -294,7 +307,7 @@ def ltt_thresholds(path: ExitScores, test: ExitScores, objective: Objective, del
             yield p
 
     rejected = fixed_sequence(lazy(), delta)
-    final_acc = float((test.preds[-1] == test.labels).mean())
+    final_acc = float(test.reference_correct().mean())
     info = {"method": "ltt", **objective.describe(), "delta": delta, "bound": bound, "final_accuracy": final_acc,
             "samples": len(test), "path_samples": len(path), "candidates": len(ordered),
             "certified": rejected}

@@ -1,0 +1,85 @@
+"""The split planner: choices on cases whose best answer is known, and an export that serves what was predicted."""
+import json
+
+import pytest
+
+from common.link import LinkModel
+from common.local import evaluate_in_process
+from training import checkpoint
+from training.data import load
+from training.planner import Settings, exit_pairs, plan, sub_model
+from scripts.plan import export_choice, main as plan_main
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_run):
+    model, meta = checkpoint.load(tiny_run)
+    val = load("synthetic", "val", limit=400)
+    test = load("synthetic:test", "test", limit=192)
+    return model, meta, val, test
+
+
+def settings(**kw) -> Settings:
+    base = dict(target_drop=5.0, codecs=("float32", "int8"), compressions=("",), reps=1, batch_size=64)
+    return Settings(**{**base, **kw})
+
+
+def test_sub_model_keeps_the_chosen_exits(planned):
+    model, *_ = planned
+    assert exit_pairs(model) == [(0, 1)]
+    assert sub_model(model, (0, 1)) is model  # already the three-tier shape
+
+
+def test_slow_link_keeps_everything_on_the_device(planned):
+    model, meta, val, test = planned
+    result = plan(model, meta, val, test, settings(link=LinkModel(20e3, 0.0)), log=lambda *_: None)
+    rows = result["candidates"]
+    assert rows[0].kind == "device_only"  # nothing crosses a 20 kbit/s link faster than computing locally
+    best = rows[result["chosen"]]
+    splits = [r for r in rows if r.kind == "split" and r.feasible]
+    sent = {r.name: sum(r.predicted["bytes_per_sample"].values()) for r in splits}
+    assert sent[best.name] == min(sent.values())  # when bytes dominate, the fastest split sends the fewest
+    assert [str(w) for w in best.codecs] == ["int8", "int8"] and best.early_exits
+
+
+def test_fast_link_and_slow_device_offload_the_image(planned):
+    model, meta, val, test = planned
+    result = plan(model, meta, val, test, settings(link=LinkModel(1e11, 0.0), scales=(1000.0, 1.0, 1.0)),
+                  log=lambda *_: None)
+    assert result["candidates"][0].kind == "cloud_offload"
+
+
+def test_exported_choice_serves_the_predicted_answers(planned, tiny_run, tmp_path):
+    """With element-wise codecs the served cascade is exactly the cached one: same accuracy, same exits."""
+    model, meta, val, test = planned
+    result = plan(model, meta, val, test, settings(codecs=("float32", "float16")), log=lambda *_: None)
+    best = result["candidates"][result["chosen"]]
+    export_choice(tiny_run, best, {**result, "settings": {}}, tmp_path / "bundle", "confidence")
+    manifest = json.loads((tmp_path / "bundle" / "device" / "manifest.json").read_text())
+    assert manifest["link"]["codec"] == best.codecs[0].name
+    report, _ = evaluate_in_process(tmp_path / "bundle", test.images, test.labels, 64)
+    assert report["accuracy"] == pytest.approx(best.predicted["accuracy"])
+    assert list(report["exits"].values()) == best.predicted["exits"]
+
+
+def test_command_line_writes_a_ranked_plan(tiny_run, tmp_path, capsys):
+    assert plan_main(["--checkpoint", str(tiny_run), "--data", "synthetic:test", "--limit", "128",
+                      "--target-drop", "5", "--codecs", "float32", "--compressions", "none", "--reps", "1",
+                      "--link", "10mbit,5ms", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    lat = [c["predicted"]["latency_ms_mean"] for c in doc["candidates"] if c["feasible"]]
+    assert lat == sorted(lat) and doc["settings"]["link"] == "10mbit,5ms"
+    assert "chosen:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--link", "fast"], "bad link"),
+    (["--profile", "phone=2"], "bad compute profile"),
+    (["--compressions", "lz4"], "--compressions"),
+    (["--codecs", "int4"], "unknown codec"),
+])
+def test_bad_values_stop_with_one_line(tiny_run, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        from common.cli import run
+        run(plan_main, ["--checkpoint", str(tiny_run)] + argv)
+    assert message in capsys.readouterr().err
