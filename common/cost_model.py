@@ -93,6 +93,8 @@ def reply_bytes(samples: int, hops: int) -> int:
 class RequestCost:
     seconds: float
     bytes_sent: list[int] = field(default_factory=list)  # request bytes per link
+    # Where the seconds go: "compute" per tier (a list), "codec", "link" (emulated delay) and "overhead".
+    parts: dict = field(default_factory=dict)
 
 
 def request_cost(reached: Sequence[int], tiers: Sequence[TierCost], links: Sequence[LinkCost],
@@ -101,22 +103,27 @@ def request_cost(reached: Sequence[int], tiers: Sequence[TierCost], links: Seque
     ``entry`` is the client's call into the first tier (its codec time and overhead; it is not emulated)."""
     if len(reached) != len(tiers) or len(links) != len(tiers) - 1:
         raise ValueError(f"{len(tiers)} tiers need {len(tiers)} reach counts and {len(tiers) - 1} links")
-    total, sent = 0.0, [0] * len(links)
+    compute = [0.0] * len(tiers)
+    parts = {"compute": compute, "codec": 0.0, "link": 0.0, "overhead": 0.0}
+    sent = [0] * len(links)
     if entry is not None and reached[0] > 0:
-        total += entry.codec_s(reached[0]) + entry.overhead_s
+        parts["codec"] += entry.codec_s(reached[0])
+        parts["overhead"] += entry.overhead_s
     for k, n in enumerate(reached):
         if n <= 0:
             break
-        total += max(tiers[k].scale, 1.0) * tiers[k].compute_s(n)
+        compute[k] = max(tiers[k].scale, 1.0) * tiers[k].compute_s(n)
         if k < len(links) and reached[k + 1] > 0:
             m, link = reached[k + 1], links[k]
             hops = sum(1 for r in reached[k + 1:] if r > 0)
             req = int(round(link.request_bytes(m)))
-            total += link.codec_s(m) + link.overhead_s
+            parts["codec"] += link.codec_s(m)
+            parts["overhead"] += link.overhead_s
             if link.link is not None:
-                total += link.link.delay_s(req, reply_bytes(m, hops))
+                parts["link"] += link.link.delay_s(req, reply_bytes(m, hops))
             sent[k] = req
-    return RequestCost(total, sent)
+    total = sum(compute) + parts["codec"] + parts["link"] + parts["overhead"]
+    return RequestCost(total, sent, parts)
 
 
 def reach_counts(exit_of: np.ndarray, tiers: int) -> list[int]:
@@ -126,18 +133,23 @@ def reach_counts(exit_of: np.ndarray, tiers: int) -> list[int]:
 
 def predict_run(exit_of: np.ndarray, batch_size: int, tiers: Sequence[TierCost], links: Sequence[LinkCost],
                 entry: LinkCost | None = None) -> dict:
-    """Latency per request (mean, p50, p95, ms) and request bytes per sample on each link when the samples, whose
-    exit (tier) indices are ``exit_of`` in order, are sent ``batch_size`` at a time as the clients do."""
+    """Latency per request (mean, p50, p95 and the mean of each part, ms) and request bytes per sample on each link
+    when the samples, whose exit (tier) indices are ``exit_of`` in order, are sent ``batch_size`` at a time as the
+    clients do."""
     if batch_size < 1 or len(exit_of) == 0:
         raise ValueError("need a positive batch size and at least one sample")
     latencies, sent = [], np.zeros(len(links))
+    parts = {"compute": np.zeros(len(tiers)), "codec": 0.0, "link": 0.0, "overhead": 0.0}
     for lo in range(0, len(exit_of), batch_size):
         cost = request_cost(reach_counts(exit_of[lo:lo + batch_size], len(tiers)), tiers, links, entry)
         latencies.append(cost.seconds * 1e3)
         sent += cost.bytes_sent
+        for key, value in cost.parts.items():
+            parts[key] = parts[key] + np.asarray(value) * 1e3
     lat = np.asarray(latencies)
+    mean_parts = {k: (v / len(lat)).tolist() if k == "compute" else float(v) / len(lat) for k, v in parts.items()}
     return {"latency_ms_mean": float(lat.mean()), "latency_ms_p50": float(np.percentile(lat, 50)),
-            "latency_ms_p95": float(np.percentile(lat, 95)), "requests": len(lat),
+            "latency_ms_p95": float(np.percentile(lat, 95)), "requests": len(lat), "latency_parts_ms": mean_parts,
             "bytes_per_sample": [float(b) / len(exit_of) for b in sent]}
 
 

@@ -1,4 +1,4 @@
-"""Communication against computation, measured: serving overhead, link codecs and baselines in one run.
+"""Communication against computation, measured: serving overhead, link codecs, baselines and the planner in one run.
 
 ``python -m scripts.bench_pipeline --out DIR [--quick] [--bundle DIR] [--data SPEC] [--links L1 L2 ...]``
 
@@ -12,7 +12,10 @@ training and 256 test images; otherwise the demo's recipe and 2,000 images). The
 - ``baselines``: per emulated link setting (every link of the deployment gets it) and the compute profiles
   (``--compute-scale device=4,edge=2,cloud=1`` by default): device-only, cloud-only raw / PNG / JPEG offload, the
   split without early exits, the split with early exits (float32 and int8 links, in process) and the split with
-  early exits served by three real processes.
+  early exits served by three real processes;
+- ``planner``: ``scripts.plan`` for the first link setting and the compute profile, its chosen split exported and
+  served by three processes under that link and profile: predicted against measured mean latency per request
+  (``latency_relative_error``), bytes and accuracy. Needs the checkpoint behind the bundle (``--checkpoint``).
 
 Writes ``DIR/bench.json`` and ``DIR/bench.png`` (``--sections`` measures a subset, JSON only).
 """
@@ -42,7 +45,7 @@ from common.tensor_codecs import ELEMENT_CODECS, FLOAT32, WireCodec, link_args
 from scripts.launch_local import LocalDeployment
 
 NEVER = ConstantGate(False)
-SECTIONS = {"serving_overhead", "codecs", "baselines"}
+SECTIONS = {"serving_overhead", "codecs", "baselines", "planner"}
 
 
 def train_small(out: Path, quick: bool) -> Path:
@@ -199,6 +202,63 @@ def measure_baselines(bundle_root, bundles, data, batch_size, tiers, link_names,
     return rows
 
 
+def find_checkpoint(bundle_root: Path) -> Path | None:
+    """The checkpoint a bundle root was exported from, where the project's commands leave it."""
+    for candidate in (bundle_root.parent / "train" / "checkpoint.safetensors",
+                      bundle_root.parent / "checkpoint.safetensors"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def measure_planner(ckpt: Path, data, batch_size: int, link_spec: str, scales: list[float], out: Path,
+                    threads: int | None, codecs: tuple[str, ...]) -> dict:
+    """Plan for ``link_spec`` and the compute profile, export the chosen split, serve it with three processes
+    under the same link and profile, and compare the measured mean latency per request with the prediction."""
+    from training import checkpoint
+    from training.data import load
+    from training.planner import Settings, plan
+    from scripts.plan import export_choice
+
+    model, meta = checkpoint.load(ckpt)
+    cfg = meta.get("config") or {}
+    val = load(cfg["data"], "val", val_fraction=cfg.get("val_fraction", 0.1), seed=int(cfg.get("seed", 0)),
+               limit=cfg.get("limit_val"))
+    link = parse_link(link_spec)
+    settings = Settings(link=link, scales=tuple(scales), batch_size=batch_size,
+                        target_drop=float(cfg.get("target_drop") or 1.0), policy=cfg.get("policy", "confidence"),
+                        codecs=codecs, seed=int(cfg.get("seed", 0)))
+    result = plan(model, meta, val, data, settings)
+    if result["chosen"] is None:
+        return {"chosen": None, "note": "no split keeps the accuracy target"}
+    best = result["candidates"][result["chosen"]]
+    export_choice(ckpt, best, {**result, "settings": {"link": link_spec, "compute_scale": scales}}, out,
+                  settings.policy)
+    bundles = [load_tier_bundle(f) for f in find_tier_folders(out)]
+    tiers = [b.tier for b in bundles]
+    # No --codec: each tier uses the link codec its exported bundle names.
+    extra = {t: link_args(None, link if k < len(tiers) - 1 else None) + ["--compute-scale", str(scales[k])]
+             + (["--threads", str(threads)] if threads else []) for k, t in enumerate(tiers)}
+    with LocalDeployment(out, extra_args=extra) as dep:
+        client = NextTierClient(dep.device_address, timeout_s=300)
+        try:
+            warm_up(client, data.images, bundles[0].model_id, batch_size)
+            report, records = feed_and_report(client, data.images, data.labels, bundles[0].model_id, batch_size,
+                                              tiers, bundles[0].manifest["flops"]["full_network"])
+        finally:
+            client.close()
+    measured = summarize(report, records, [f"{a}_to_{b}" for a, b in zip(tiers, tiers[1:])])
+    measured["latency_breakdown_ms"] = {k: v["mean"] for k, v in report["latency_breakdown_ms"].items()}
+    predicted = best.predicted
+    return {"link": link_spec, "chosen": best.name, "rank": result["chosen"] + 1,
+            "fastest_candidate": result["candidates"][0].name,
+            "predicted": {k: predicted[k] for k in ("latency_ms_mean", "latency_ms_p95", "latency_parts_ms",
+                                                    "bytes_per_sample", "accuracy", "exits")},
+            "measured": measured,
+            "latency_relative_error": round(abs(predicted["latency_ms_mean"] - measured["latency_ms_mean"])
+                                            / measured["latency_ms_mean"], 3)}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -247,8 +307,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads of this process and of every tier process (default 1: three processes of "
                         "two threads each oversubscribe a 2-core machine)")
-    p.add_argument("--sections", default="serving_overhead,codecs,baselines",
-                   help="comma-separated parts to measure (default: all three)")
+    p.add_argument("--sections", default="serving_overhead,codecs,baselines,planner",
+                   help="comma-separated parts to measure (default: all four)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the planner's checkpoint (default: the one the bundle was exported from, if found)")
     p.add_argument("--compute-scale", default="device=4,edge=2,cloud=1",
                    help="compute profile per tier for the baselines (TIER=S,...)")
     return p
@@ -293,10 +355,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in rows.items():
             print(f"{spec:>12} {name:>28}: mean {row['latency_ms_mean']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms"
                   f"  bytes/sample {row['bytes_per_sample']:9.0f}  accuracy {row['accuracy']:.4f}", flush=True)
+    if "planner" in sections:
+        ckpt = args.checkpoint or find_checkpoint(root)
+        if ckpt is None:
+            raise ConfigError(f"the planner section needs the checkpoint {root} was exported from: --checkpoint FILE")
+        codecs = ("float32", "int8") if args.quick else ("float32", "float16", "int8")
+        result["planner"] = measure_planner(ckpt, data, args.batch_size, args.links[0], scales,
+                                            args.out / "planned", args.threads, codecs)
+        print("planner:", json.dumps({k: result["planner"].get(k) for k in
+                                      ("chosen", "predicted", "latency_relative_error")}), flush=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     written = [args.out / "bench.json"]
-    if sections == SECTIONS:
+    if {"codecs", "baselines"} <= sections:
         plot(result, args.out / "bench.png")
         written.append(args.out / "bench.png")
     print(f"wrote {' and '.join(map(str, written))} in {result['seconds']:.0f} s")

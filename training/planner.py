@@ -39,7 +39,7 @@ from common.models import MultiExitNet
 from common.runtime import Batch, TierRuntime
 from common.split import TIER_NAMES
 from common.tensor_codecs import COMPRESSIONS, ELEMENT_CODECS, FLOAT32, WireCodec
-from training.calibrate import ExitScores, Objective, Thresholdable, calibrate_scores, policy_family, to_gates
+from training.calibrate import ExitScores, Objective, Thresholdable, calibrate_scores, policy_family
 from training.policies import gate_split
 from training.risk import pvalue
 
@@ -68,6 +68,8 @@ class Settings:
         unknown = set(self.codecs) - set(ELEMENT_CODECS) or set(self.compressions) - set(COMPRESSIONS)
         if unknown:
             raise ConfigError(f"unknown codec or compression {sorted(unknown)}")
+        if "float32" not in self.codecs:
+            raise ConfigError("the planner needs float32 among its codecs: the exact network is the accuracy reference")
         if len(self.scales) != len(TIER_NAMES) or not all(s > 0 for s in self.scales):
             raise ConfigError(f"the compute profile needs one positive scale per tier, got {self.scales}")
 
@@ -236,6 +238,81 @@ def outcome(es: ExitScores, thresholds: list[float | None]) -> dict:
             "exits": o["exit_counts"]}
 
 
+@dataclass
+class Measured:
+    """One exit pair's deployment as measured here: its bundles and the cost model's pieces."""
+
+    bundles: list[TierBundle]
+    tiers: list[TierCost]
+    entry: LinkCost  # the client's call into the device tier
+    links: list[dict[WireCodec, tuple[Curve, Curve]]]  # per link: codec -> (request bytes, codec seconds)
+    costs: list[float]  # FLOPs of leaving at each exit
+    full: float  # FLOPs of the whole network
+
+    @property
+    def link_names(self) -> list[str]:
+        return [f"{a.tier}_to_{b.tier}" for a, b in zip(self.bundles, self.bundles[1:])]
+
+    @property
+    def exit_names(self) -> list[str]:
+        """The stage each early exit follows."""
+        return [b.manifest["segment"]["stages"][-1] for b in self.bundles[:-1]]
+
+    def describe(self) -> dict:
+        return {"compute_s": {b.tier: t.compute_s.to_dict() for b, t in zip(self.bundles, self.tiers)},
+                "request_bytes": {name: {str(w): c[0].to_dict() for w, c in link.items()}
+                                  for name, link in zip(self.link_names, self.links)}}
+
+
+def measure(bundles: list[TierBundle], images: torch.Tensor, s: Settings) -> Measured:
+    """Compute curves of every tier and bytes / codec curves of every link codec, on real inputs."""
+    sizes = batch_sizes(s.batch_size)
+    model_id = bundles[0].model_id
+    inputs = tier_inputs(bundles, images[:s.batch_size])
+    tiers = [TierCost(time_runtime(_runtime(b), x, sizes, s.reps), scale)
+             for b, x, scale in zip(bundles, inputs, s.scales)]
+    entry = LinkCost(ZERO, link_profile(inputs[0], FLOAT32, model_id, sizes, s.reps)[1], None, s.overhead_ms / 1e3)
+    wires = [WireCodec(c, z) for c in s.codecs for z in s.compressions]
+    links = [{w: link_profile(x, w, model_id, sizes, s.reps) for w in wires} for x in inputs[1:]]
+    costs, full = bundle_costs(bundles)
+    return Measured(bundles, tiers, entry, links, costs, full)
+
+
+def calibrated(es_cal: ExitScores, es_fit: ExitScores, objective: Objective,
+               s: Settings) -> list[tuple[bool, list | None, bool, dict]]:
+    """``(early exits, thresholds, feasible, calibration record)`` without early exits and with calibrated ones."""
+    never = [None] * len(es_cal.scores)
+    out = [(False, never, holds(es_cal, never, objective, s), {})]
+    try:
+        thresholds, info = calibrate_scores(es_cal, objective, s.method, s.delta, s.bound, path=es_fit)
+        out.append((True, thresholds, True, info))
+    except ConfigError as e:
+        out.append((True, None, False, {"infeasible": str(e)}))
+    return out
+
+
+def split_candidates(m: Measured, pair: tuple[int, int], element_codecs: tuple[str, str], es_test: ExitScores,
+                     variants, s: Settings) -> list[Candidate]:
+    """Every compression on both links of one exit pair and element codec pair, with and without early exits."""
+    rows = []
+    first, second = ([w for w in m.links[k] if w.name == c] for k, c in enumerate(element_codecs))
+    where = " | ".join(m.exit_names)
+    for early, thresholds, feasible, info in variants:
+        common = outcome(es_test, thresholds) if thresholds is not None else {}
+        exit_of = es_test.exit_of(thresholds) if thresholds is not None else None
+        for w1 in first:
+            for w2 in second:
+                predicted = dict(common)
+                if exit_of is not None:
+                    links = [LinkCost(*m.links[0][w1], s.link, s.overhead_ms / 1e3),
+                             LinkCost(*m.links[1][w2], s.link, s.overhead_ms / 1e3)]
+                    run = predict_run(exit_of, s.batch_size, m.tiers, links, m.entry)
+                    predicted.update(_named(run, [b.tier for b in m.bundles], m.link_names))
+                name = f"split after {where}, {w1} | {w2}, " + ("early exits" if early else "no early exit")
+                rows.append(Candidate(name, "split", feasible, predicted, pair, (w1, w2), early, thresholds, info))
+    return rows
+
+
 def plan(model: MultiExitNet, meta: dict, val, test, s: Settings, log=print) -> dict:
     """Rank every candidate deployment of ``model`` on ``test`` (an ``ImageSet``), thresholds calibrated on ``val``.
 
@@ -243,62 +320,29 @@ def plan(model: MultiExitNet, meta: dict, val, test, s: Settings, log=print) -> 
     with candidates sorted feasible first, then by predicted mean latency."""
     objective = Objective("drop", s.target_drop)
     fit, cal = (idx.numpy() for idx in gate_split(len(val), s.seed))
-    sizes = batch_sizes(s.batch_size)
-    overhead = s.overhead_ms / 1e3
     rows: list[Candidate] = []
-    profile: dict = {"batch_sizes": sizes}
+    profile: dict = {"batch_sizes": batch_sizes(s.batch_size)}
     reference: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="splitexit-plan-") as tmp:
         for pair in exit_pairs(model):
             t0 = time.perf_counter()
             bundles = export_split(model, meta, pair, Path(tmp) / f"{pair[0]}-{pair[1]}")
-            model_id = bundles[0].model_id
             val_logits = cached_logits(bundles, val.images, s.codecs, s.batch_size)
             test_logits = cached_logits(bundles, test.images, s.codecs, s.batch_size)
-            exact = val_logits["float32", "float32"][-1], test_logits["float32", "float32"][-1]
-            reference.setdefault("val", exact[0].argmax(1).numpy() == val.labels.numpy())
-            reference.setdefault("test", exact[1].argmax(1).numpy() == test.labels.numpy())
-            inputs = tier_inputs(bundles, test.images[:s.batch_size])
-            tiers = [TierCost(time_runtime(_runtime(b), x, sizes, s.reps), scale)
-                     for b, x, scale in zip(bundles, inputs, s.scales)]
-            entry = LinkCost(ZERO, link_profile(inputs[0], FLOAT32, model_id, sizes, s.reps)[1], None, overhead)
-            wires = [WireCodec(c, z) for c in s.codecs for z in s.compressions]
-            links = [{w: link_profile(inputs[k + 1], w, model_id, sizes, s.reps) for w in wires} for k in range(2)]
-            costs, full = bundle_costs(bundles)
-            names = [b.manifest["segment"]["stages"][-1] for b in bundles[:2]]
-            profile[f"exits after {names[0]} and {names[1]}"] = {
-                "compute_s": {b.tier: t.compute_s.to_dict() for b, t in zip(bundles, tiers)},
-                "request_bytes": {f"{bundles[k].tier}_to_{bundles[k + 1].tier}": {str(w): c[0].to_dict()
-                                  for w, c in links[k].items()} for k in range(2)}}
+            # The float32 network's final exit is the same whatever the pair: the accuracy every drop is against.
+            for key, logits, data in (("val", val_logits, val), ("test", test_logits, test)):
+                reference.setdefault(key, logits["float32", "float32"][-1].argmax(1).numpy() == data.labels.numpy())
+            m = measure(bundles, test.images, s)
+            profile["exits after " + " and ".join(m.exit_names)] = m.describe()
             family = stored_family(meta, s.policy, pair)
-            for (a, b), logits in val_logits.items():
-                es_cal = _scores(logits, val.labels, reference["val"], family, costs, full, cal)
-                es_fit = _scores(logits, val.labels, reference["val"], family, costs, full, fit)
-                es_test = _scores(test_logits[a, b], test.labels, reference["test"], family, costs, full)
-                variants = [(False, [None, None], holds(es_cal, [None, None], objective, s), {})]
-                try:
-                    th, info = calibrate_scores(es_cal, objective, s.method, s.delta, s.bound, path=es_fit)
-                    variants.append((True, th, True, info))
-                except ConfigError as e:
-                    variants.append((True, None, False, {"infeasible": str(e)}))
-                for early, th, ok, info in variants:
-                    predicted = outcome(es_test, th) if th is not None else {}
-                    exit_of = es_test.exit_of(th) if th is not None else None
-                    for w1 in (w for w in wires if w.name == a):
-                        for w2 in (w for w in wires if w.name == b):
-                            pred = dict(predicted)
-                            if exit_of is not None:
-                                link_costs = [LinkCost(*links[0][w1], s.link, overhead),
-                                              LinkCost(*links[1][w2], s.link, overhead)]
-                                run = predict_run(exit_of, s.batch_size, tiers, link_costs, entry)
-                                pred.update(_named_bytes(run, bundles))
-                            rows.append(Candidate(
-                                f"split after {names[0]} | {names[1]}, {w1} | {w2}, "
-                                + ("early exits" if early else "no early exit"),
-                                "split", ok, pred, pair, (w1, w2), early, th, info))
-            log(f"[plan] exits after {names[0]} and {names[1]}: {len(val_logits)} codec pairs calibrated and "
+            for codecs, logits in val_logits.items():
+                es_val = _scores(logits, val.labels, reference["val"], family, m.costs, m.full)
+                es_test = _scores(test_logits[codecs], test.labels, reference["test"], family, m.costs, m.full)
+                variants = calibrated(es_val.subset(cal), es_val.subset(fit), objective, s)
+                rows += split_candidates(m, pair, codecs, es_test, variants, s)
+            log(f"[plan] exits after {' and '.join(m.exit_names)}: {len(val_logits)} codec pairs calibrated and "
                 f"predicted in {time.perf_counter() - t0:.0f} s")
-        rows += baselines(bundles, test, reference["test"], s, entry, sizes, model_id)
+        rows += baselines(m.bundles, test, reference["test"], s, m.entry)
     rows.sort(key=lambda r: (not r.feasible, r.predicted.get("latency_ms_mean", float("inf"))))
     chosen = next((i for i, r in enumerate(rows) if r.feasible and r.kind == "split"), None)
     return {"candidates": rows, "chosen": chosen, "profile": profile,
@@ -309,36 +353,34 @@ def _runtime(bundle: TierBundle) -> TierRuntime:
     return TierRuntime(replace(bundle.tier_spec(), is_last=True), bundle.segment, ConstantGate(True))
 
 
-def _scores(logits, labels, reference: np.ndarray, family, costs, full, idx=None) -> ExitScores:
-    """ExitScores of cached logits (rows ``idx``), drops measured against the float32 network's correctness."""
-    es = ExitScores.build(logits, labels, family, costs, full)
-    es = replace(es, reference=reference)
-    return es if idx is None else es.subset(idx)
+def _scores(logits, labels, reference: np.ndarray, family, costs, full) -> ExitScores:
+    """ExitScores of cached logits, drops measured against the float32 network's correctness."""
+    return replace(ExitScores.build(logits, labels, family, costs, full), reference=reference)
 
 
-def _named_bytes(run: dict, bundles: list[TierBundle]) -> dict:
-    names = [f"{a.tier}_to_{b.tier}" for a, b in zip(bundles, bundles[1:])]
-    out = {k: v for k, v in run.items() if k != "bytes_per_sample"}
-    out["bytes_per_sample"] = dict(zip(names, run["bytes_per_sample"]))
+def _named(run: dict, tiers: list[str], links: list[str]) -> dict:
+    """A predicted run with its per-tier and per-link lists keyed by tier and link names."""
+    out = {k: v for k, v in run.items() if k not in ("bytes_per_sample", "latency_parts_ms")}
+    out["bytes_per_sample"] = dict(zip(links, run["bytes_per_sample"]))
+    parts = dict(run["latency_parts_ms"])
+    out["latency_parts_ms"] = {**{f"compute_{t}": c for t, c in zip(tiers, parts.pop("compute"))}, **parts}
     return out
 
 
-def baselines(bundles: list[TierBundle], test, correct: np.ndarray, s: Settings, entry: LinkCost,
-              sizes: list[int], model_id: str) -> list[Candidate]:
+def baselines(bundles: list[TierBundle], test, correct: np.ndarray, s: Settings, entry: LinkCost) -> list[Candidate]:
     """The whole network on the device, and the raw images offloaded to the cloud over the link."""
     accuracy = {"accuracy": float(correct.mean()), "drop_points": 0.0, "flops_fraction": 1.0}
     images = test.images[:s.batch_size]
-    n = len(test)
-    device = time_runtime(whole_network_runtime(bundles, bundles[0].tier), images, sizes, s.reps)
+    n, sizes, model_id = len(test), batch_sizes(s.batch_size), bundles[0].model_id
+    first, last = bundles[0].tier, bundles[-1].tier
+    device = time_runtime(whole_network_runtime(bundles, first), images, sizes, s.reps)
     run = predict_run(np.zeros(n, dtype=int), s.batch_size, [TierCost(device, s.scales[0])], [], entry)
     rows = [Candidate("device only: the whole network on the device", "device_only", True,
-                      {**accuracy, **{k: v for k, v in run.items() if k != "bytes_per_sample"},
-                       "exits": [n], "bytes_per_sample": {}})]
-    cloud = time_runtime(whole_network_runtime(bundles, bundles[-1].tier), images, sizes, s.reps)
+                      {**accuracy, **_named(run, [first], []), "exits": [n]})]
+    cloud = time_runtime(whole_network_runtime(bundles, last), images, sizes, s.reps)
     raw = LinkCost(*link_profile(images, FLOAT32, model_id, sizes, s.reps), s.link, s.overhead_ms / 1e3)
     run = predict_run(np.ones(n, dtype=int), s.batch_size, [TierCost(ZERO), TierCost(cloud, s.scales[-1])], [raw],
                       entry)
     rows.append(Candidate("cloud offload: the raw uint8 image to the cloud", "cloud_offload", True,
-                          {**accuracy, **{k: v for k, v in run.items() if k != "bytes_per_sample"},
-                           "exits": [0, n], "bytes_per_sample": {"device_to_cloud": run["bytes_per_sample"][0]}}))
+                          {**accuracy, **_named(run, [first, last], [f"{first}_to_{last}"]), "exits": [0, n]}))
     return rows
