@@ -60,7 +60,9 @@ def plan_segments(spec: ModelSpec, stage_names: list[str], tiers: tuple[str, ...
     """Cut the stages at the model's exit points: one segment per tier, each ending where an exit sits."""
     points = list(spec.exit_points)
     if len(points) != len(tiers) - 1:
-        raise ConfigError(f"{len(tiers)} tiers need {len(tiers) - 1} exit points, the model has {points}")
+        raise ConfigError(f"{len(tiers)} tiers need {len(tiers) - 1} exit points, the model has {points}"
+                          + ("; choose two with python -m scripts.plan --export DIR" if len(points) > len(tiers) - 1
+                             else ""))
     bounds = [0, *points, len(stage_names)]
     return [
         SegmentPlan(tier, i, bounds[i], bounds[i + 1], i, tuple(stage_names[bounds[i]:bounds[i + 1]]), i == len(tiers) - 1)
@@ -100,8 +102,9 @@ def segment_flops(model: MultiExitNet, tiers: tuple[str, ...] = TIER_NAMES) -> l
 
 def cost_table(model: MultiExitNet) -> tuple[list[float], float]:
     """``(costs, full)``: FLOPs per sample of leaving at each exit (every segment and exit head up to and including
-    that exit's), and of the whole network without early exit heads (stages + final classifier)."""
-    flops = segment_flops(model)
+    that exit's), and of the whole network without early exit heads (stages + final classifier). Any number of
+    exits: the model is cut once per exit, whatever the tiers."""
+    flops = segment_flops(model, tuple(f"part{i}" for i in range(model.num_exits)))
     costs, total = [], 0.0
     for stages, head in flops:
         total += stages + head

@@ -83,3 +83,32 @@ def test_bad_values_stop_with_one_line(tiny_run, argv, message, capsys):
         from common.cli import run
         run(plan_main, ["--checkpoint", str(tiny_run)] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_more_exits_than_tiers_let_the_planner_choose(tmp_path):
+    """A model trained with three early exits: training.export refuses it, the planner weighs every pair of exits
+    and its export serves exactly what it predicted (float32 links)."""
+    from common.errors import ConfigError
+    from training.config import TrainConfig
+    from training.export import export
+    from training.train import train
+
+    cfg = TrainConfig(width=0.125, exit_conv_channels=8, epochs=1, max_batches=10, limit_train=1280, limit_val=400,
+                      batch_size=128, target_drop=5.0, exit_points=[1, 2, 3], loss_weights=[0.3, 0.3, 0.3, 1.0],
+                      epochs_gates=5)
+    train(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    with pytest.raises(ConfigError, match="scripts.plan"):
+        export(ckpt, tmp_path / "refused")
+    model, meta = checkpoint.load(ckpt)
+    assert exit_pairs(model) == [(0, 1), (0, 2), (1, 2)]
+    val, test = load("synthetic", "val", limit=400), load("synthetic:test", "test", limit=128)
+    result = plan(model, meta, val, test, settings(codecs=("float32",)), log=lambda *_: None)
+    assert {r.pair for r in result["candidates"] if r.kind == "split"} == {(0, 1), (0, 2), (1, 2)}
+    best = result["candidates"][result["chosen"]]
+    export_choice(ckpt, best, {**result, "settings": {}}, tmp_path / "bundle", "confidence")
+    manifest = json.loads((tmp_path / "bundle" / "edge" / "manifest.json").read_text())
+    assert manifest["model"]["exit_points"] == [cfg.exit_points[i] for i in best.pair]
+    report, _ = evaluate_in_process(tmp_path / "bundle", test.images, test.labels, 64)
+    assert report["accuracy"] == pytest.approx(best.predicted["accuracy"])
+    assert list(report["exits"].values()) == best.predicted["exits"]

@@ -24,7 +24,8 @@ class TrainConfig:
     pretrained: str | None = _h("local weights file (.safetensors, or a state dict read weights-only) to start from")
     width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
     exit_points: list[int] | None = field(default=None, metadata={
-        "help": "stage boundaries of the device and edge exits (default: the backbone's own)"})
+        "help": "stage boundaries of the early exits: two for the device and edge tiers (default: the backbone's "
+                "own), or more and let python -m scripts.plan choose two"})
     image_size: int | None = _h("side of the square images an image folder is read at (default: 32, imagenette 224)")
     exit_conv_channels: int = field(default=0, metadata={"help": "channels of a 3x3 conv in the exit heads (0 = "
                                                                  "none: global pool + linear)"})
@@ -80,8 +81,9 @@ class TrainConfig:
             raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
         if self.augment not in ("auto", "none", "crop_flip"):
             raise ValueError(f"augment must be auto, none or crop_flip, got {self.augment!r}")
-        if len(self.exit_points) != 2:
-            raise ValueError(f"exit_points needs 2 stage boundaries (device and edge exits), got {self.exit_points}")
+        if len(self.exit_points) < 2:
+            raise ValueError(f"exit_points needs at least 2 stage boundaries (device and edge exits), "
+                             f"got {self.exit_points}")
         if len(self.loss_weights) != len(self.exit_points) + 1:
             raise ValueError(f"loss_weights needs {len(self.exit_points) + 1} values (one per exit), "
                              f"got {self.loss_weights}")
