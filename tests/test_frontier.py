@@ -59,3 +59,26 @@ def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="another split"):
         frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic:test", "--calibrate-on", "val",
                        "--out", str(tmp_path)])
+
+
+def test_oracles_on_a_known_cascade():
+    """Three samples, three exits costing 1, 2, 4 (whole network 4)."""
+    import torch
+
+    from training.frontier import Cached, oracles
+
+    def onehot(labels):
+        return torch.nn.functional.one_hot(torch.tensor(labels), 3).float()
+
+    # sample 0: every exit right; sample 1: only the edge and the final right; sample 2: device right, final wrong
+    logits = [onehot([0, 2, 2]), onehot([0, 1, 0]), onehot([0, 1, 1])]
+    cached = Cached(logits, torch.tensor([0, 1, 2]), [1.0, 2.0, 4.0], 4.0, ["device", "edge", "cloud"], [0, 0, 0])
+    o = oracles(cached)
+    # agreeing with the final: sample 0 at the device, 1 at the edge, 2 at the cloud (the final's wrong 1)
+    assert o["agree_with_final"]["exits"] == {"device": 1, "edge": 1, "cloud": 1}
+    assert o["agree_with_final"]["flops_fraction"] == pytest.approx((1 + 2 + 4) / 3 / 4)
+    assert o["agree_with_final"]["accuracy"] == pytest.approx(2 / 3)
+    # first correct: 0 and 2 at the device, 1 at the edge; every sample right
+    assert o["first_correct"]["exits"] == {"device": 2, "edge": 1, "cloud": 0}
+    assert o["first_correct"]["accuracy"] == 1.0
+    assert o["first_correct"]["flops_fraction"] == pytest.approx((1 + 2 + 1) / 3 / 4)

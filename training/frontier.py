@@ -10,7 +10,9 @@ calibrated on the validation split to desired accuracies from 0.5 to 1 (``per_ex
 plot for ``confidence`` and ``mlp``). Each segment's compute time is measured during the pass, so every point also
 has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
 included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
-against latency, one line per policy, the final exit's accuracy as a reference line.
+against latency, one line per policy, the final exit's accuracy as a reference line, and two oracle gates that
+read the labels (``oracles``: the least computation for the final exit's answers, and for the best accuracy the
+exits allow) as bounds no policy can pass.
 """
 from __future__ import annotations
 
@@ -52,6 +54,27 @@ class Cached:
         latency = sum(k * ms for k, ms in zip(sim["exit_counts"], self.ms_to_exit)) / n
         return {"accuracy": sim["accuracy"], "flops_fraction": sim["mean_cost"] / self.full,
                 "compute_ms_per_sample": latency, "exits": dict(zip(self.tiers, sim["exit_counts"]))}
+
+
+def oracles(cached: Cached) -> dict:
+    """Two gates no policy can beat, as references for the policies' frontier (they read the labels):
+
+    * ``agree_with_final``: every sample leaves at the first exit whose answer is the final exit's. Any policy
+      that answers exactly like the whole network spends at least these FLOPs.
+    * ``first_correct``: every sample leaves at the first exit that is right (samples no exit gets right leave at
+      the first). The least computation any policy needs for this accuracy or more."""
+    preds = torch.stack([lg.argmax(1) for lg in cached.logits])
+    right = preds == cached.labels
+    exit_of = {"agree_with_final": (preds == preds[-1]).int().argmax(0),
+               "first_correct": torch.where(right.any(0), right.int().argmax(0), 0)}
+    n, costs = len(cached.labels), torch.tensor(cached.costs, dtype=torch.float64)
+    out = {}
+    for name, taken in exit_of.items():
+        counts = torch.bincount(taken, minlength=len(cached.logits)).tolist()
+        out[name] = {"accuracy": float(right[taken, torch.arange(n)].double().mean()),
+                     "flops_fraction": float(costs[taken].mean()) / cached.full,
+                     "exits": dict(zip(cached.tiers, counts))}
+    return out
 
 
 def sweep(cached: Cached, family: list[Thresholdable], points: int = 41) -> list[dict]:
@@ -118,6 +141,7 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
         "calibrated": {"policy": bundles[0].manifest.get("policy"),
                        "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
                        "calibration": bundles[0].calibration(), **cached.point(calibrated)},
+        "oracles": oracles(cached),
         "compute_ms_to_exit": dict(zip(tiers, cached.ms_to_exit)),
         "calibration_samples": None if calib is None else len(calib[1]),
         "forward_seconds": forward_s,
@@ -145,6 +169,10 @@ def plot(result: dict, path: Path) -> None:
                         color=line.get_color(), label=f"{kind}, per-exit thresholds for a desired accuracy")
         ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
         ax.plot([cal[key]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
+        if key == "flops_fraction":
+            for (name, o), marker in zip(result["oracles"].items(), ("P", "X")):
+                ax.plot([o[key]], [o["accuracy"]], marker, color="grey", markersize=9,
+                        label=f"oracle gate ({name.replace('_', ' ')}; reads the labels)")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
