@@ -30,16 +30,36 @@ def test_sub_model_keeps_the_chosen_exits(planned):
     assert sub_model(model, (0, 1)) is model  # already the three-tier shape
 
 
-def test_slow_link_keeps_everything_on_the_device(planned):
+@pytest.fixture(scope="module")
+def slow_link_plan(planned):
     model, meta, val, test = planned
-    result = plan(model, meta, val, test, settings(link=LinkModel(20e3, 0.0)), log=lambda *_: None)
-    rows = result["candidates"]
+    return plan(model, meta, val, test, settings(link=LinkModel(20e3, 0.0)), log=lambda *_: None)
+
+
+def test_slow_link_keeps_everything_on_the_device(slow_link_plan):
+    rows = slow_link_plan["candidates"]
     assert rows[0].kind == "device_only"  # nothing crosses a 20 kbit/s link faster than computing locally
-    best = rows[result["chosen"]]
+    best = rows[slow_link_plan["chosen"]]
     splits = [r for r in rows if r.kind == "split" and r.feasible]
     sent = {r.name: sum(r.predicted["bytes_per_sample"].values()) for r in splits}
     assert sent[best.name] == min(sent.values())  # when bytes dominate, the fastest split sends the fewest
     assert [str(w) for w in best.codecs] == ["int8", "int8"] and best.early_exits
+
+
+def test_served_export_uses_the_chosen_codecs(slow_link_plan, planned, tiny_run, tmp_path):
+    """Three tier processes started on the exported bundles without --codec send int8, as planned: the bytes on
+    each link are the predicted ones and the answers those of the in-process chain."""
+    from device.client import run_client
+    from scripts.launch_local import LocalDeployment
+
+    *_, test = planned
+    best = slow_link_plan["candidates"][slow_link_plan["chosen"]]
+    export_choice(tiny_run, best, {**slow_link_plan, "settings": {}}, tmp_path / "bundle", "confidence")
+    with LocalDeployment(tmp_path / "bundle", startup_timeout_s=60) as dep:
+        report = run_client(dep.device_address, test.images, test.labels, 64, tmp_path / "bundle")
+    assert report["prediction_mismatches"] == 0
+    for link, predicted in best.predicted["bytes_per_sample"].items():
+        assert report["bytes_per_sample"][link] == pytest.approx(predicted, rel=0.02)
 
 
 def test_fast_link_and_slow_device_offload_the_image(planned):
