@@ -78,8 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--codecs", default="float32,float16,int8",
                    help=f"element codecs to consider on each link, from {', '.join(ELEMENT_CODECS)}")
     p.add_argument("--compressions", default="none,zlib", help="compressions to consider: none, zlib or both")
-    p.add_argument("--overhead-ms", type=non_negative_float, default=1.0,
-                   help="per-call RPC cost beyond encoding and the link (default 1.0)")
+    p.add_argument("--overhead-ms", type=non_negative_float, default=3.0,
+                   help="per-call RPC cost beyond encoding and the link (default 3.0: gRPC on loopback here)")
     p.add_argument("--reps", type=positive_int, default=5, help="timings per batch size (median kept; default 5)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads, as the tiers will use")
     p.add_argument("--top", type=positive_int, default=15, help="rows of the table to print (default 15)")

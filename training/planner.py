@@ -60,7 +60,7 @@ class Settings:
     bound: str = "wsr"
     codecs: tuple[str, ...] = ("float32", "float16", "int8")
     compressions: tuple[str, ...] = ("", "zlib")
-    overhead_ms: float = 1.0  # per RPC call, beyond encoding and the link
+    overhead_ms: float = 3.0  # per RPC call, beyond encoding and the link
     reps: int = 5  # timings per batch size (the median is kept)
     seed: int = 0  # the training seed: it fixes the validation split's fit / calibration halves
 
