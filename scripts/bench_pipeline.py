@@ -267,7 +267,8 @@ def plot(result: dict, path: Path) -> None:
 
     settings = list(result["baselines"])
     names = list(result["baselines"][settings[0]])
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    planned = (result.get("planner") or {}).get("measured")
+    fig, axes = plt.subplots(1, 4 if planned else 3, figsize=(22 if planned else 17, 5))
     width = 0.8 / len(settings)
     for i, s in enumerate(settings):
         rows = result["baselines"][s]
@@ -289,9 +290,29 @@ def plot(result: dict, path: Path) -> None:
     axes[2].legend()
     axes[2].set_title("link codecs (accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in codecs.items()
                                                               if k in ("float32", "int8")) + ")", fontsize=9)
+    if planned:
+        plot_planner(result["planner"], axes[3])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_planner(planner: dict, ax) -> None:
+    """Predicted against measured latency of the planner's choice, as stacked parts of a request."""
+    pred, meas = planner["predicted"]["latency_parts_ms"], planner["measured"]["latency_breakdown_ms"]
+    tiers = [k.removeprefix("compute_") for k in pred if k.startswith("compute_")]
+    parts = [(f"compute {t}", pred[f"compute_{t}"], meas[f"compute_{t}"]) for t in tiers] + [
+        ("encode + decode", pred["codec"], meas["encode"] + meas["decode"]),
+        ("link", pred["link"], meas["link"]),
+        ("RPC overhead / queueing", pred["overhead"], meas["queueing"])]
+    bottom = [0.0, 0.0]
+    for label, p, m in parts:
+        ax.bar([0, 1], [p, m], 0.6, bottom=bottom, label=label)
+        bottom = [bottom[0] + p, bottom[1] + m]
+    ax.set_xticks([0, 1], ["predicted", "measured (3 processes)"])
+    ax.set_ylabel("mean latency per request, ms")
+    ax.set_title(f"planner's choice on {planner['link']}: error {planner['latency_relative_error']:.0%}", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
