@@ -62,3 +62,11 @@ def test_unreachable_device_is_one_line():
     result = run("device.client", "--target", "127.0.0.1:1", "--limit", "4", "--timeout", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "did not answer Describe" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="the allocator tuning is for glibc")
+def test_tiers_keep_freed_memory_for_reuse():
+    """The tier start-up tuning takes on glibc (in a child process: it changes the allocator for good)."""
+    code = "from common.tier_main import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
