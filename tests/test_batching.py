@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -84,3 +85,65 @@ def test_a_bad_request_fails_alone_and_errors_reach_every_caller_of_a_batch():
         t.join(timeout=10)
     batcher.close()
     assert len(errors) == 4
+
+
+class SlowFirst(ToySegment):
+    """ToySegment whose first call takes ``seconds`` (a batch that keeps the only worker busy)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.seconds)
+        return super().forward(x)
+
+
+def _timed(batcher, results, key, values):
+    t0 = time.monotonic()
+    answer = batcher.process(Batch(key, "m1", list(range(len(values))), torch.tensor(values)))
+    results[key] = (answer, time.monotonic() - t0)
+
+
+def test_a_full_batch_leaves_at_once_whatever_the_delay():
+    batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=30.0, workers=1)
+    results = {}
+    threads = [threading.Thread(target=_timed, args=(batcher, results, f"r{c}", [[1.0, 0.0]])) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    batcher.close()
+    assert len(results) == 4 and max(s for _, s in results.values()) < 10  # not the 30 s window
+    assert batcher.batch_sizes == {4: 1}
+
+
+def test_a_request_that_does_not_fit_sends_the_batch_collected_so_far():
+    batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=1.0, workers=1)
+    results = {}
+    first = threading.Thread(target=_timed, args=(batcher, results, "three", [[1.0, 0.0]] * 3))
+    first.start()
+    time.sleep(0.1)
+    _timed(batcher, results, "two", [[1.0, 0.0]] * 2)  # 3 + 2 > 4: "three" must not wait for its window
+    first.join(timeout=10)
+    batcher.close()
+    assert results["three"][1] < 0.6
+    assert [len(a.predictions) for a, _ in (results["three"], results["two"])] == [3, 2]
+
+
+def test_the_delay_counts_from_arrival_not_from_when_a_worker_gets_free():
+    # The only worker is busy with a slow first batch while "late" arrives; by the time the worker is free, "late"
+    # has waited longer than max_delay_s and goes at once instead of waiting a whole window more.
+    batcher = DynamicBatcher(TierRuntime(spec(max_batch=16), SlowFirst(0.8), ConfidenceGate(0.9), FakeNext()),
+                             max_batch=16, max_delay_s=0.5, workers=1)
+    results = {}
+    first = threading.Thread(target=_timed, args=(batcher, results, "first", [[1.0, 0.0]]))
+    first.start()
+    time.sleep(0.7)  # "first" left after its 0.5 s window and computes until about 1.3 s
+    _timed(batcher, results, "late", [[1.0, 0.0]])
+    first.join(timeout=10)
+    batcher.close()
+    assert 0.4 < results["late"][1] < 0.95  # ~0.6 s of queueing behind "first"; not 0.6 + 0.5
+    assert batcher.batch_sizes == {1: 2}
