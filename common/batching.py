@@ -2,9 +2,9 @@
 
 ``DynamicBatcher`` offers the runtime's ``process(batch, bytes_received)`` and sits between the servicer and a
 ``TierRuntime``. Each request is validated on its own (one bad request never fails its neighbours), queued, and a
-worker takes the oldest request plus whatever else is queued or arrives until that request has waited ``max_delay_s``
-(counted from its arrival, so a request that already queued while every worker was busy is not held any longer), up
-to ``max_batch`` samples. The
+worker takes the oldest request plus whatever else is queued or arrives within ``max_delay_s`` of taking it, up to
+``max_batch`` samples. Time the samples already spent in earlier tiers' batchers (``Batch.queued_s``, on the wire
+``queued_ms``) shortens that window: a chain of batching tiers holds a sample for one delay, not one per tier. The
 merged batch gets fresh sample ids 0..N-1 (callers' ids may collide), runs once through the runtime - and so crosses
 each link as one request - and every caller receives exactly its own predictions, under its own ids, with its share
 of the trace. Up to ``workers`` merged batches are in flight at once, so one waiting on the next tier does not stall
@@ -121,13 +121,15 @@ class DynamicBatcher:
                 self._cv.wait()
             group = [self._take()]
             n = len(group[0].batch.sample_ids)
-            until = group[0].arrived + self.max_delay_s
+            # The window opens now, shortened by what the samples already waited in earlier tiers' batchers.
+            until = time.monotonic() + self.max_delay_s - group[0].batch.queued_s
             while n < self.max_batch:
                 if self._queue:
                     if n + len(self._queue[0].batch.sample_ids) > self.max_batch:
                         break
                     group.append(self._take())
                     n += len(group[-1].batch.sample_ids)
+                    until = min(until, time.monotonic() + self.max_delay_s - group[-1].batch.queued_s)
                     continue
                 left = until - time.monotonic()
                 if left <= 0 or self._closed:
@@ -147,9 +149,13 @@ class DynamicBatcher:
             self._run(group)
 
     def _run(self, group: list[_Pending]) -> None:
+        # The longest any sample of the batch has waited in batchers so far, this one included: the next tier's
+        # batcher counts it against its own window.
+        queued = time.monotonic() - min(p.arrived - p.batch.queued_s for p in group)
         try:
             if len(group) == 1:
                 p = group[0]
+                p.batch.queued_s = queued
                 p.answer = self.runtime.run_validated(p.batch, p.bytes_received)  # validated on arrival
                 self._ran(len(p.batch.sample_ids))
             else:
@@ -160,7 +166,8 @@ class DynamicBatcher:
                 deadlines = [p.batch.deadline for p in group if p.batch.deadline is not None]
                 first = group[0].batch
                 merged = Batch(f"{first.request_id}+{len(group) - 1}", first.model_id, list(range(n)),
-                               torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None)
+                               torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None,
+                               queued)
                 # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at
                 # most max_batch samples), so the merged tensor is not scanned a second time.
                 answer = self.runtime.run_validated(merged, sum(p.bytes_received for p in group))

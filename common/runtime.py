@@ -28,6 +28,9 @@ class Batch:
     tensor: Tensor
     # time.monotonic() by which the caller needs the answer (None = no deadline); forwarded batches inherit it.
     deadline: float | None = None
+    # Seconds the longest-waiting sample already spent in batching queues before this tier (dynamic batching spends
+    # one delay budget per sample along the chain, not one per tier); forwarded batches carry it on.
+    queued_s: float = 0.0
 
 
 @dataclass
@@ -188,7 +191,7 @@ class TierRuntime:
             # Everyone going on (a never gate, a hard batch) needs no gathered copy of the features.
             onward_features = features if len(rest) == len(ids) else features[rest]
             onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest], onward_features,
-                           batch.deadline)
+                           batch.deadline, batch.queued_s)
             t0 = time.perf_counter()
             try:
                 forwarded = self.forward(onward)

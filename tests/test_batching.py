@@ -87,20 +87,6 @@ def test_a_bad_request_fails_alone_and_errors_reach_every_caller_of_a_batch():
     assert len(errors) == 4
 
 
-class SlowFirst(ToySegment):
-    """ToySegment whose first call takes ``seconds`` (a batch that keeps the only worker busy)."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds, self.calls = seconds, 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 1:
-            time.sleep(self.seconds)
-        return super().forward(x)
-
-
 def _timed(batcher, results, key, values):
     t0 = time.monotonic()
     answer = batcher.process(Batch(key, "m1", list(range(len(values))), torch.tensor(values)))
@@ -133,17 +119,19 @@ def test_a_request_that_does_not_fit_sends_the_batch_collected_so_far():
     assert [len(a.predictions) for a, _ in (results["three"], results["two"])] == [3, 2]
 
 
-def test_the_delay_counts_from_arrival_not_from_when_a_worker_gets_free():
-    # The only worker is busy with a slow first batch while "late" arrives; by the time the worker is free, "late"
-    # has waited longer than max_delay_s and goes at once instead of waiting a whole window more.
-    batcher = DynamicBatcher(TierRuntime(spec(max_batch=16), SlowFirst(0.8), ConfidenceGate(0.9), FakeNext()),
-                             max_batch=16, max_delay_s=0.5, workers=1)
-    results = {}
-    first = threading.Thread(target=_timed, args=(batcher, results, "first", [[1.0, 0.0]]))
-    first.start()
-    time.sleep(0.7)  # "first" left after its 0.5 s window and computes until about 1.3 s
-    _timed(batcher, results, "late", [[1.0, 0.0]])
-    first.join(timeout=10)
+def test_time_queued_at_earlier_tiers_shortens_the_window_and_is_carried_on():
+    nxt = TracedNext()
+    batcher = DynamicBatcher(_runtime(nxt), max_batch=16, max_delay_s=1.0, workers=1)
+    t0 = time.monotonic()
+    # Its samples already waited 0.9 s upstream: this tier holds it for what is left of its 1 s window at most.
+    tired = batcher.process(Batch("tired", "m1", [0], -torch.ones(1, 2), queued_s=0.9))
+    held = time.monotonic() - t0
+    t0 = time.monotonic()
+    fresh = batcher.process(Batch("fresh", "m1", [0], -torch.ones(1, 2)))
+    fresh_held = time.monotonic() - t0
+    spent = batcher.process(Batch("spent", "m1", [0], -torch.ones(1, 2), queued_s=5.0))
     batcher.close()
-    assert 0.4 < results["late"][1] < 0.95  # ~0.6 s of queueing behind "first"; not 0.6 + 0.5
-    assert batcher.batch_sizes == {1: 2}
+    assert held < 0.6 and fresh_held > 0.9
+    assert [p.sample_id for p in tired.predictions + fresh.predictions + spent.predictions] == [0, 0, 0]
+    sent = [b.queued_s for b in nxt.calls]  # what the next tier is told: upstream wait plus the wait here
+    assert 0.9 <= sent[0] < 1.5 and 0.9 <= sent[1] < 1.5 and sent[2] >= 5.0
