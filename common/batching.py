@@ -2,14 +2,18 @@
 
 ``DynamicBatcher`` offers the runtime's ``process(batch, bytes_received)`` and sits between the servicer and a
 ``TierRuntime``. Each request is validated on its own (one bad request never fails its neighbours), queued, and a
-worker takes the oldest request plus whatever else arrives within ``max_delay_s``, up to ``max_batch`` samples. The
+worker takes the oldest request plus whatever else is queued or arrives within ``max_delay_s`` of taking it, up to
+``max_batch`` samples. Time the samples already spent in earlier tiers' batchers (``Batch.queued_s``, on the wire
+``queued_ms``) shortens that window: a chain of batching tiers holds a sample for one delay, not one per tier. The
 merged batch gets fresh sample ids 0..N-1 (callers' ids may collide), runs once through the runtime - and so crosses
 each link as one request - and every caller receives exactly its own predictions, under its own ids, with its share
 of the trace. Up to ``workers`` merged batches are in flight at once, so one waiting on the next tier does not stall
-the next one's compute. No gRPC here.
+the next one's compute. A worker collecting a batch is woken only when the batch can be completed or its wait is
+over, not by every arrival. No gRPC here.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +28,7 @@ from common.runtime import Answer, Batch, TierRuntime
 class _Pending:
     batch: Batch
     bytes_received: int
+    arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     answer: Answer | None = None
     error: BaseException | None = None
@@ -74,6 +79,10 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self._queue: deque[_Pending] = deque()
+        self._queued_samples = 0
+        # Samples the collecting worker still needs to fill its batch (inf: it is not waiting for more); an arrival
+        # wakes it only when they are there, or when it waits for a first request (0).
+        self._wanted = math.inf
         self._cv = threading.Condition()
         self._collect = threading.Lock()  # one worker gathers a batch at a time; others may be computing
         self._closed = False
@@ -94,44 +103,60 @@ class DynamicBatcher:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._queue.append(pending)
-            self._cv.notify_all()
+            self._queued_samples += len(batch.sample_ids)
+            if self._queued_samples >= self._wanted:
+                self._cv.notify()  # only the collecting worker waits on the condition (see _gather)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
         return pending.answer
 
     def _gather(self) -> list[_Pending] | None:
+        # One worker collects at a time (``_collect``), so it is the only thread waiting on ``_cv``.
         with self._collect, self._cv:
             while not self._queue:
                 if self._closed:
                     return None
+                self._wanted = 0
                 self._cv.wait()
-            group = [self._queue.popleft()]
+            group = [self._take()]
             n = len(group[0].batch.sample_ids)
-            until = time.monotonic() + self.max_delay_s
+            # The window opens now, shortened by what the samples already waited in earlier tiers' batchers.
+            until = time.monotonic() + self.max_delay_s - group[0].batch.queued_s
             while n < self.max_batch:
                 if self._queue:
-                    k = len(self._queue[0].batch.sample_ids)
-                    if n + k > self.max_batch:
+                    if n + len(self._queue[0].batch.sample_ids) > self.max_batch:
                         break
-                    group.append(self._queue.popleft())
-                    n += k
+                    group.append(self._take())
+                    n += len(group[-1].batch.sample_ids)
+                    until = min(until, time.monotonic() + self.max_delay_s - group[-1].batch.queued_s)
                     continue
                 left = until - time.monotonic()
                 if left <= 0 or self._closed:
                     break
+                self._wanted = self.max_batch - n
                 self._cv.wait(left)
+            self._wanted = math.inf
             return group
+
+    def _take(self) -> _Pending:
+        p = self._queue.popleft()
+        self._queued_samples -= len(p.batch.sample_ids)
+        return p
 
     def _work(self) -> None:
         while (group := self._gather()) is not None:
             self._run(group)
 
     def _run(self, group: list[_Pending]) -> None:
+        # The longest any sample of the batch has waited in batchers so far, this one included: the next tier's
+        # batcher counts it against its own window.
+        queued = time.monotonic() - min(p.arrived - p.batch.queued_s for p in group)
         try:
             if len(group) == 1:
                 p = group[0]
-                p.answer = self.runtime.process(p.batch, p.bytes_received)
+                p.batch.queued_s = queued
+                p.answer = self.runtime.run_validated(p.batch, p.bytes_received)  # validated on arrival
                 self._ran(len(p.batch.sample_ids))
             else:
                 offsets, n = [], 0
@@ -141,8 +166,11 @@ class DynamicBatcher:
                 deadlines = [p.batch.deadline for p in group if p.batch.deadline is not None]
                 first = group[0].batch
                 merged = Batch(f"{first.request_id}+{len(group) - 1}", first.model_id, list(range(n)),
-                               torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None)
-                answer = self.runtime.process(merged, sum(p.bytes_received for p in group))
+                               torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None,
+                               queued)
+                # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at
+                # most max_batch samples), so the merged tensor is not scanned a second time.
+                answer = self.runtime.run_validated(merged, sum(p.bytes_received for p in group))
                 self._ran(n)
                 for p, a in zip(group, split_answer(answer, [(p.batch, p.bytes_received) for p in group], offsets)):
                     p.answer = a

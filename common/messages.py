@@ -10,6 +10,8 @@ from common.errors import InvalidRequest
 from common.runtime import Answer, Batch, Hop, Prediction, TierRuntime
 from proto import splitexit_pb2 as pb
 
+MAX_QUEUED_MS = 3_600_000.0  # an hour: far beyond any batching delay, small enough to be plainly bogus above
+
 
 def request_from_batch(batch: Batch, wire: WireCodec = FLOAT32) -> pb.InferRequest:
     return pb.InferRequest(
@@ -17,13 +19,18 @@ def request_from_batch(batch: Batch, wire: WireCodec = FLOAT32) -> pb.InferReque
         model_id=batch.model_id,
         sample_ids=batch.sample_ids,
         tensor=tensor_codecs.encode(batch.tensor, wire),
+        queued_ms=batch.queued_s * 1e3,
     )
 
 
 def batch_from_request(request: pb.InferRequest, limits: TensorLimits = codec.DEFAULT_LIMITS) -> Batch:
     if not request.HasField("tensor"):
         raise InvalidRequest("request has no tensor")
-    return Batch(request.request_id, request.model_id, list(request.sample_ids), codec.decode(request.tensor, limits))
+    queued_ms = request.queued_ms
+    if not 0 <= queued_ms <= MAX_QUEUED_MS:  # NaN, negative or absurd: a bad request
+        raise InvalidRequest(f"queued_ms must be between 0 and {MAX_QUEUED_MS:g}, got {queued_ms!r}")
+    return Batch(request.request_id, request.model_id, list(request.sample_ids), codec.decode(request.tensor, limits),
+                 queued_s=queued_ms / 1e3)
 
 
 def reply_from_answer(answer: Answer) -> pb.InferReply:

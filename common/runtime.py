@@ -6,6 +6,7 @@ request it sent, so the runtime is tested in process and served unchanged by ``c
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +28,9 @@ class Batch:
     tensor: Tensor
     # time.monotonic() by which the caller needs the answer (None = no deadline); forwarded batches inherit it.
     deadline: float | None = None
+    # Seconds the longest-waiting sample already spent in batching queues before this tier (dynamic batching spends
+    # one delay budget per sample along the chain, not one per tier); forwarded batches carry it on.
+    queued_s: float = 0.0
 
 
 @dataclass
@@ -95,6 +99,18 @@ class TierSpec:
     max_batch: int = 512
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether every element of the floating-point tensor ``x`` is finite.
+
+    NaN and infinities propagate through addition, so a finite sum proves every element finite in one cheap
+    reduction; only a sum that is not finite (NaN or Inf inside, or finite values overflowing) needs the
+    element-wise test, which is several times slower and allocates a mask as large as ``x``.
+    """
+    if math.isfinite(x.sum().item()):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 class TierRuntime:
     """Serve one segment: run it, let the gate pick who exits here, forward the rest as one batch."""
 
@@ -139,12 +155,17 @@ class TierRuntime:
             )
         if x.dtype != s.input_dtype:
             raise PreconditionFailed(f"tier {s.tier!r} takes {s.input_dtype} tensors, got {x.dtype}")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not all_finite(x):
             raise InvalidRequest("tensor contains NaN or Inf values")
 
     def process(self, batch: Batch, bytes_received: int = 0) -> Answer:
         """Answer every sample of ``batch``: here when the gate accepts it, otherwise via the next tier."""
         self.validate(batch)
+        return self.run_validated(batch, bytes_received)
+
+    def run_validated(self, batch: Batch, bytes_received: int = 0) -> Answer:
+        """``process`` without the checks, for a batch already known to pass ``validate`` (the dynamic batcher's
+        merged batches, whose parts were each validated on arrival)."""
         s = self.spec
         start = time.perf_counter()
         with torch.inference_mode():
@@ -157,17 +178,20 @@ class TierRuntime:
             compute_ms = (time.perf_counter() - start) * 1e3
 
         ids = batch.sample_ids
+        labels, confidences = stats["label"].tolist(), stats["confidence"].tolist()  # one conversion, not one per sample
+        exit_mask = exits.tolist()
         by_id: dict[int, Prediction] = {}
-        for i in torch.nonzero(exits).flatten().tolist():
-            by_id[ids[i]] = Prediction(
-                ids[i], int(stats["label"][i]), float(stats["confidence"][i]), s.tier, s.exit_index
-            )
+        for i, leaves in enumerate(exit_mask):
+            if leaves:
+                by_id[ids[i]] = Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index)
         hop = Hop(s.tier, len(ids), len(by_id), compute_ms, bytes_received, flops=s.flops_per_sample * len(ids))
         trace = [hop]
-        rest = torch.nonzero(~exits).flatten()
-        if len(rest):
-            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest.tolist()], features[rest],
-                           batch.deadline)
+        rest = [i for i, leaves in enumerate(exit_mask) if not leaves]
+        if rest:
+            # Everyone going on (a never gate, a hard batch) needs no gathered copy of the features.
+            onward_features = features if len(rest) == len(ids) else features[rest]
+            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest], onward_features,
+                           batch.deadline, batch.queued_s)
             t0 = time.perf_counter()
             try:
                 forwarded = self.forward(onward)
@@ -176,9 +200,9 @@ class TierRuntime:
                 if e.code != "UNAVAILABLE" or self.on_downstream_failure != "degrade":
                     raise
                 # Answer what we would have forwarded with our own exit: worse than the next tier, but an answer.
-                for i in rest.tolist():
-                    by_id[ids[i]] = Prediction(ids[i], int(stats["label"][i]), float(stats["confidence"][i]),
-                                               s.tier, s.exit_index, degraded=True)
+                for i in rest:
+                    by_id[ids[i]] = Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index,
+                                               degraded=True)
                 hop.samples_degraded, hop.downstream_error = len(rest), str(e)
                 return Answer(batch.request_id, [by_id[i] for i in ids], trace)
             hop.forward_ms = (time.perf_counter() - t0) * 1e3

@@ -25,16 +25,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[str] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "sample_ids", "tensor")
+    __slots__ = ("request_id", "model_id", "sample_ids", "tensor", "queued_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     tensor: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    queued_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., queued_ms: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("sample_id", "label", "confidence", "exit_tier", "exit_index", "degraded")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -84,3 +85,53 @@ def test_a_bad_request_fails_alone_and_errors_reach_every_caller_of_a_batch():
         t.join(timeout=10)
     batcher.close()
     assert len(errors) == 4
+
+
+def _timed(batcher, results, key, values):
+    t0 = time.monotonic()
+    answer = batcher.process(Batch(key, "m1", list(range(len(values))), torch.tensor(values)))
+    results[key] = (answer, time.monotonic() - t0)
+
+
+def test_a_full_batch_leaves_at_once_whatever_the_delay():
+    batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=30.0, workers=1)
+    results = {}
+    threads = [threading.Thread(target=_timed, args=(batcher, results, f"r{c}", [[1.0, 0.0]])) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    batcher.close()
+    assert len(results) == 4 and max(s for _, s in results.values()) < 10  # not the 30 s window
+    assert batcher.batch_sizes == {4: 1}
+
+
+def test_a_request_that_does_not_fit_sends_the_batch_collected_so_far():
+    batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=1.0, workers=1)
+    results = {}
+    first = threading.Thread(target=_timed, args=(batcher, results, "three", [[1.0, 0.0]] * 3))
+    first.start()
+    time.sleep(0.1)
+    _timed(batcher, results, "two", [[1.0, 0.0]] * 2)  # 3 + 2 > 4: "three" must not wait for its window
+    first.join(timeout=10)
+    batcher.close()
+    assert results["three"][1] < 0.6
+    assert [len(a.predictions) for a, _ in (results["three"], results["two"])] == [3, 2]
+
+
+def test_time_queued_at_earlier_tiers_shortens_the_window_and_is_carried_on():
+    nxt = TracedNext()
+    batcher = DynamicBatcher(_runtime(nxt), max_batch=16, max_delay_s=1.0, workers=1)
+    t0 = time.monotonic()
+    # Its samples already waited 0.9 s upstream: this tier holds it for what is left of its 1 s window at most.
+    tired = batcher.process(Batch("tired", "m1", [0], -torch.ones(1, 2), queued_s=0.9))
+    held = time.monotonic() - t0
+    t0 = time.monotonic()
+    fresh = batcher.process(Batch("fresh", "m1", [0], -torch.ones(1, 2)))
+    fresh_held = time.monotonic() - t0
+    spent = batcher.process(Batch("spent", "m1", [0], -torch.ones(1, 2), queued_s=5.0))
+    batcher.close()
+    assert held < 0.6 and fresh_held > 0.9
+    assert [p.sample_id for p in tired.predictions + fresh.predictions + spent.predictions] == [0, 0, 0]
+    sent = [b.queued_s for b in nxt.calls]  # what the next tier is told: upstream wait plus the wait here
+    assert 0.9 <= sent[0] < 1.5 and 0.9 <= sent[1] < 1.5 and sent[2] >= 5.0

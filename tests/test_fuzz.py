@@ -79,6 +79,9 @@ def _nan_request(value: float) -> pb.InferRequest:
     (_with(tensor_dtype="float64", tensor_shape=[3, 1]), grpc.StatusCode.FAILED_PRECONDITION, "per-sample shape"),
     (_with(tensor_dtype="int32"), grpc.StatusCode.FAILED_PRECONDITION, "float32"),
     (_with(request_id="x" * 1000), grpc.StatusCode.INVALID_ARGUMENT, "request id"),
+    (_with(queued_ms=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "queued_ms"),
+    (_with(queued_ms=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "queued_ms"),
+    (_with(queued_ms=float("inf")), grpc.StatusCode.INVALID_ARGUMENT, "queued_ms"),
     (pb.InferRequest(model_id="m1", sample_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "no tensor"),
 ])
 def test_each_problem_is_named(tier, request_, code, words):

@@ -102,3 +102,13 @@ def test_message_limits_are_set_once_for_both_sides():
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 10 << 20
     assert options["grpc.per_rpc_retry_buffer_size"] == 10 << 20
     assert message_limit(3072, 65536, 512) > 512 * 65536
+
+
+def test_time_queued_in_batchers_travels_with_the_request():
+    sent = Batch("r", "m1", [1, 2], torch.zeros(2, 2), queued_s=0.0125)
+    request = messages.request_from_batch(sent)
+    assert request.queued_ms == pytest.approx(12.5)
+    assert messages.batch_from_request(pb.InferRequest.FromString(request.SerializeToString())).queued_s == (
+        pytest.approx(0.0125))
+    assert messages.batch_from_request(messages.request_from_batch(Batch("r", "m1", [1], torch.zeros(1, 2)))
+                                       ).queued_s == 0.0  # not batched upstream: nothing spent

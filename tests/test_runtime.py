@@ -5,7 +5,7 @@ from torch import nn
 
 from common.errors import DownstreamError, InvalidRequest, PreconditionFailed
 from common.gates import ConfidenceGate, ConstantGate
-from common.runtime import Answer, Batch, Forwarded, Prediction, TierRuntime, TierSpec
+from common.runtime import Answer, Batch, Forwarded, Prediction, TierRuntime, TierSpec, all_finite
 
 
 class ToySegment(nn.Module):
@@ -95,6 +95,34 @@ def test_bad_batches_are_refused_before_any_compute(make, error, message):
     with pytest.raises(error, match=message):
         TierRuntime(spec(), ToySegment(), ConstantGate(False), nxt).process(make())
     assert nxt.calls == []
+
+
+def test_all_finite_is_exact_even_where_the_sum_overflows():
+    big = torch.full((4, 8), 3e38)  # finite values whose float32 sum is inf: the slow path must say finite
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (3, 7), (2, 5)):
+            x = torch.randn(4, 8)
+            x[where] = bad
+            assert not all_finite(x)
+            big2 = big.clone()
+            big2[where] = bad
+            assert not all_finite(big2)
+    mixed = torch.randn(4, 8)
+    mixed[0, 0], mixed[1, 1] = float("inf"), -float("inf")  # inf - inf = NaN: still caught
+    assert not all_finite(mixed)
+    assert all_finite(torch.randn(3, 5)) and all_finite(torch.zeros(0, 2))
+    assert all_finite(torch.full((2, 3), 6e4, dtype=torch.float16))  # the half-precision sum overflows
+
+
+def test_run_validated_answers_like_process_and_forwards_the_features_themselves():
+    nxt = FakeNext()
+    rt = TierRuntime(spec(), ToySegment(), ConstantGate(False), nxt)
+    b = batch([[5, 0], [-5, 0]])
+    fast, checked = rt.run_validated(b), rt.process(b)
+    assert fast.predictions == checked.predictions
+    assert [(h.samples_in, h.samples_exited, h.flops) for h in fast.trace] == [(2, 0, 200.0)]
+    assert torch.equal(nxt.calls[0].tensor, b.tensor + 1)  # everyone forwarded: the features, ungathered
 
 
 def test_next_tier_losing_samples_is_an_error():
