@@ -141,6 +141,11 @@ def cached_logits(bundles: list[TierBundle], images: torch.Tensor, codecs: tuple
     return {key: [torch.cat(c) for c in parts] for key, parts in chunks.items()}
 
 
+def one_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``batch_size`` images to time things on: the first ones, repeated if there are fewer."""
+    return images[torch.arange(batch_size) % len(images)]
+
+
 def batch_sizes(batch_size: int) -> list[int]:
     """1, 4, 16, ... below ``batch_size``, and ``batch_size``: where compute and codec times are measured."""
     sizes, n = [], 1
@@ -268,7 +273,7 @@ def measure(bundles: list[TierBundle], images: torch.Tensor, s: Settings) -> Mea
     """Compute curves of every tier and bytes / codec curves of every link codec, on real inputs."""
     sizes = batch_sizes(s.batch_size)
     model_id = bundles[0].model_id
-    inputs = tier_inputs(bundles, images[:s.batch_size])
+    inputs = tier_inputs(bundles, one_batch(images, s.batch_size))
     tiers = [TierCost(time_runtime(_runtime(b), x, sizes, s.reps), scale)
              for b, x, scale in zip(bundles, inputs, s.scales)]
     entry = LinkCost(ZERO, link_profile(inputs[0], FLOAT32, model_id, sizes, s.reps)[1], None, s.overhead_ms / 1e3)
@@ -370,7 +375,7 @@ def _named(run: dict, tiers: list[str], links: list[str]) -> dict:
 def baselines(bundles: list[TierBundle], test, correct: np.ndarray, s: Settings, entry: LinkCost) -> list[Candidate]:
     """The whole network on the device, and the raw images offloaded to the cloud over the link."""
     accuracy = {"accuracy": float(correct.mean()), "drop_points": 0.0, "flops_fraction": 1.0}
-    images = test.images[:s.batch_size]
+    images = one_batch(test.images, s.batch_size)
     n, sizes, model_id = len(test), batch_sizes(s.batch_size), bundles[0].model_id
     first, last = bundles[0].tier, bundles[-1].tier
     device = time_runtime(whole_network_runtime(bundles, first), images, sizes, s.reps)
