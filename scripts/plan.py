@@ -44,7 +44,8 @@ def format_table(rows: list[Candidate], top: int) -> str:
     for i, r in enumerate(rows[:top], start=1):
         p = r.predicted
         sent = "/".join(f"{v:,.0f}" for v in p.get("bytes_per_sample", {}).values()) or "0"
-        lat = f"{p['latency_ms_mean']:10.1f} {p['latency_ms_p95']:8.1f}" if "latency_ms_mean" in p else f"{'-':>10} {'-':>8}"
+        lat = (f"{p['latency_ms_mean']:10.1f} {p['latency_ms_p95']:8.1f}" if "latency_ms_mean" in p
+               else f"{'-':>10} {'-':>8}")
         acc = (f"{p['accuracy']:8.4f} {p['drop_points']:6.2f} {p['flops_fraction']:6.1%}" if "accuracy" in p
                else f"{'-':>8} {'-':>6} {'-':>6}")
         lines.append(f"{i:>3} {'yes' if r.feasible else 'no':>3} {lat} {sent:>22} {acc}  {r.name}")
@@ -65,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors written by training.train")
     add_data_args(p)
     p.set_defaults(data=None)
+    for action in p._actions:
+        if action.dest == "data":
+            action.help = "data spec to predict on (default: the checkpoint's own, its test partition)"
     p.add_argument("--link", default=None, help="every link as RATE,RTT, e.g. 10mbit,20ms (default: loopback)")
     p.add_argument("--profile", default="", help="compute profile, TIER=S,... e.g. device=4,edge=2,cloud=1: each "
                    "tier's compute takes S x this machine's time (default 1 everywhere)")
