@@ -118,13 +118,11 @@ class ExitScores:
 
     @classmethod
     def build(cls, exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float],
-              full: float | None = None, reference: Tensor | None = None) -> "ExitScores":
-        """``reference``: logits of the classifier a drop is measured against (default: the final exit)."""
+              full: float | None = None) -> "ExitScores":
         scores = np.stack([fam.score(lg) for fam, lg in zip(family, exit_logits[:-1])]).reshape(len(family), -1)
         preds = torch.stack([lg.argmax(1) for lg in exit_logits]).numpy()
-        ref = None if reference is None else (reference.argmax(1) == labels).numpy()
         return cls(scores, preds, labels.numpy(), np.asarray(costs, dtype=np.float64),
-                   float(costs[-1] if full is None else full), ref)
+                   float(costs[-1] if full is None else full))
 
     def __len__(self) -> int:
         return len(self.labels)
