@@ -60,3 +60,35 @@ def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def test_slice():
     return load("synthetic:test", "test", limit=192)
+
+
+@pytest.fixture
+def serve_runtime():
+    """Serve ``TierRuntime``s over gRPC on free loopback ports: ``start(runtime, tier)`` -> address; every server
+    started is stopped afterwards."""
+    from common.rpc import TierServicer, create_server, set_serving
+    from proto import splitexit_pb2 as pb
+
+    started = []
+
+    def start(runtime, tier: str = "cloud") -> str:
+        server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier=tier)), "127.0.0.1:0")
+        server.start()
+        set_serving(health, True)
+        started.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in started:
+        server.stop(0).wait()
+
+
+def infer(address: str, batch, timeout: float = 10.0):
+    """One raw ``Infer`` call carrying ``batch`` (float32 link), with a bounded timeout."""
+    import grpc
+
+    from common import messages
+    from proto import splitexit_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.TierStub(channel).Infer(messages.request_from_batch(batch), timeout=timeout)

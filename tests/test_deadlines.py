@@ -9,15 +9,13 @@ import grpc
 import pytest
 import torch
 
-from common import messages
 from common.errors import DownstreamError
 from common.gates import ConfidenceGate, ConstantGate
 from common.report import RequestRecord, build_report
-from common.rpc import (NextTierClient, TierServicer, channel_options, create_server, forward_timeout,
-                        set_serving)
+from common.rpc import NextTierClient, channel_options, forward_timeout
 from common.runtime import Batch, TierRuntime
 from proto import splitexit_pb2 as pb
-from proto import splitexit_pb2_grpc as pb_grpc
+from tests.conftest import infer
 from tests.test_runtime import ToySegment, batch, spec
 
 
@@ -85,8 +83,8 @@ class Recording(TierRuntime):
 
 
 @pytest.fixture
-def serve():
-    started, clients = [], []
+def serve(serve_runtime):
+    clients = []
 
     def start(segment, forward_to=None, tier="cloud", runtime_cls=TierRuntime, on_failure="degrade"):
         forward = None
@@ -95,22 +93,13 @@ def serve():
             clients.append(forward)
         runtime = runtime_cls(spec(tier=tier, is_last=forward is None), segment, ConstantGate(False), forward,
                               on_downstream_failure=on_failure)
-        server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier=tier)), "127.0.0.1:0")
-        server.start()
-        set_serving(health, True)
-        started.append(server)
-        return f"127.0.0.1:{port}"
+        return serve_runtime(runtime, tier)
 
     yield start
-    for server in started:
-        server.stop(0).wait()
     for client in clients:
         client.close()
 
 
-def _infer(address, b, timeout=10.0):
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.TierStub(channel).Infer(messages.request_from_batch(b), timeout=timeout)
 
 
 def _dead_address() -> str:
@@ -122,14 +111,14 @@ def _dead_address() -> str:
 def test_a_tier_whose_next_tier_is_down_answers_degraded(serve):
     edge = serve(ToySegment(), forward_to=_dead_address(), tier="edge")
     t0 = time.monotonic()
-    reply = _infer(edge, batch([[1, 2], [3, 4]]))
+    reply = infer(edge, batch([[1, 2], [3, 4]]))
     assert time.monotonic() - t0 < 5
     assert [(p.sample_id, p.exit_tier, p.degraded) for p in reply.predictions] == [(10, "edge", True),
                                                                                    (11, "edge", True)]
     assert reply.trace[0].samples_degraded == 2 and "UNAVAILABLE" in reply.trace[0].downstream_error
     failing = serve(ToySegment(), forward_to=_dead_address(), tier="edge", on_failure="fail")
     with pytest.raises(grpc.RpcError) as err:
-        _infer(failing, batch([[1, 2]]))
+        infer(failing, batch([[1, 2]]))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "next tier" in err.value.details()
 
 
@@ -137,7 +126,7 @@ def test_a_slow_next_tier_is_cut_off_by_the_callers_deadline_and_answered_degrad
     cloud = serve(Slow(3.0))
     edge = serve(ToySegment(), forward_to=cloud, tier="edge")
     t0 = time.monotonic()
-    reply = _infer(edge, batch([[1, 2]]), timeout=1.0)  # the caller gives the whole chain one second
+    reply = infer(edge, batch([[1, 2]]), timeout=1.0)  # the caller gives the whole chain one second
     assert time.monotonic() - t0 < 1.0
     assert reply.predictions[0].degraded and reply.predictions[0].exit_tier == "edge"
     assert "DEADLINE_EXCEEDED" in reply.trace[0].downstream_error
@@ -147,7 +136,7 @@ def test_the_deadline_travels_downstream_less_a_margin(serve):
     Recording.budgets = []
     cloud = serve(ToySegment(), runtime_cls=Recording)
     edge = serve(ToySegment(), forward_to=cloud, tier="edge", runtime_cls=Recording)
-    reply = _infer(edge, batch([[1, 2]]), timeout=4.0)
+    reply = infer(edge, batch([[1, 2]]), timeout=4.0)
     assert not reply.predictions[0].degraded and reply.predictions[0].exit_tier == "cloud"
     edge_budget, cloud_budget = Recording.budgets
     assert 3.0 < edge_budget <= 4.1  # gRPC measures the deadline on its own clock

@@ -12,11 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common import messages
 from common.errors import DownstreamError
 from common.gates import ConstantGate
-from common.rpc import (NextTierClient, TierServicer, create_server, grpc_options, message_limit, set_serving,
-                        wait_for_serving)
+from common.rpc import NextTierClient, TierServicer, create_server, grpc_options, message_limit, wait_for_serving
 from common.runtime import Batch, TierRuntime
 from proto import splitexit_pb2 as pb
-from proto import splitexit_pb2_grpc as pb_grpc
+from tests.conftest import infer
 from tests.test_runtime import ToySegment, spec
 
 
@@ -26,32 +25,19 @@ class Exploding(torch.nn.Module):
 
 
 @pytest.fixture
-def serve():
-    started = []
-
+def serve(serve_runtime):
     def start(segment, is_last=True, forward=None, tier="cloud", model_id="m1"):
         runtime = TierRuntime(spec(tier=tier, is_last=is_last, model_id=model_id), segment, ConstantGate(False),
                               forward)
-        server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier=tier)), "127.0.0.1:0")
-        server.start()
-        set_serving(health, True)
-        started.append(server)
-        return f"127.0.0.1:{port}"
+        return serve_runtime(runtime, tier)
 
-    yield start
-    for server in started:
-        server.stop(0).wait()
-
-
-def _infer(address, batch):
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.TierStub(channel).Infer(messages.request_from_batch(batch), timeout=10)
+    return start
 
 
 def test_a_bug_in_the_runtime_is_internal_with_a_message(serve):
     address = serve(Exploding())
     with pytest.raises(grpc.RpcError) as err:
-        _infer(address, Batch("r", "m1", [1], torch.zeros(1, 2)))
+        infer(address, Batch("r", "m1", [1], torch.zeros(1, 2)))
     assert err.value.code() == grpc.StatusCode.INTERNAL and "ValueError: boom" in err.value.details()
     wait_for_serving(address, timeout_s=5)  # and the server is still up
 
@@ -75,7 +61,7 @@ def test_a_refusing_next_tier_is_a_failed_precondition_upstream(serve):
     edge = serve(ToySegment(), is_last=False, forward=client, tier="edge")
     try:
         with pytest.raises(grpc.RpcError) as err:
-            _infer(edge, Batch("r", "m1", [1], torch.full((1, 2), -1.0)))  # declined at the edge, refused onward
+            infer(edge, Batch("r", "m1", [1], torch.full((1, 2), -1.0)))  # declined at the edge, refused onward
     finally:
         client.close()
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
