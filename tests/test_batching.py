@@ -24,6 +24,15 @@ class TracedNext(FakeNext):
         return forwarded
 
 
+def _concurrently(target, args_list, timeout: float = 10.0) -> None:
+    """Run ``target(*args)`` for every ``args`` in its own thread at once; wait for all (bounded)."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def _runtime(next_=None):
     return TierRuntime(spec(max_batch=16), ToySegment(), ConfidenceGate(0.9), next_ or FakeNext())
 
@@ -40,11 +49,7 @@ def test_concurrent_callers_are_coalesced_and_each_gets_its_own_samples():
         barrier.wait()
         results[c] = batcher.process(Batch(f"req-{c}", "m1", [0, 1], x), bytes_received=100 + c)
 
-    threads = [threading.Thread(target=caller, args=(c,)) for c in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    _concurrently(caller, [(c,) for c in range(8)])
     batcher.close()
     assert sorted(results) == list(range(8))
     for c, answer in results.items():
@@ -78,11 +83,7 @@ def test_a_bad_request_fails_alone_and_errors_reach_every_caller_of_a_batch():
         except DownstreamError as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=caller, args=(c,)) for c in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    _concurrently(caller, [(c,) for c in range(4)])
     batcher.close()
     assert len(errors) == 4
 
@@ -96,11 +97,7 @@ def _timed(batcher, results, key, values):
 def test_a_full_batch_leaves_at_once_whatever_the_delay():
     batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=30.0, workers=1)
     results = {}
-    threads = [threading.Thread(target=_timed, args=(batcher, results, f"r{c}", [[1.0, 0.0]])) for c in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
+    _concurrently(_timed, [(batcher, results, f"r{c}", [[1.0, 0.0]]) for c in range(4)], timeout=20)
     batcher.close()
     assert len(results) == 4 and max(s for _, s in results.values()) < 10  # not the 30 s window
     assert batcher.batch_sizes == {4: 1}
