@@ -232,8 +232,7 @@ def measure_planner(ckpt: Path, data, batch_size: int, link_spec: str, scales: l
     if result["chosen"] is None:
         return {"chosen": None, "note": "no split keeps the accuracy target"}
     best = result["candidates"][result["chosen"]]
-    export_choice(ckpt, best, {**result, "settings": {"link": link_spec, "compute_scale": scales}}, out,
-                  settings.policy)
+    export_choice(model, meta, best, out, settings.policy, {"link": link_spec, "compute_scale": scales})
     bundles = [load_tier_bundle(f) for f in find_tier_folders(out)]
     tiers = [b.tier for b in bundles]
     # No --codec: each tier uses the link codec its exported bundle names.

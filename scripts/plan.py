@@ -52,12 +52,11 @@ def format_table(rows: list[Candidate], top: int) -> str:
     return "\n".join(lines)
 
 
-def export_choice(ckpt: Path, row: Candidate, result: dict, out: Path, policy: str) -> None:
-    """Bundles of the chosen split, its gates and codecs in the manifests."""
-    model, meta = checkpoint.load(ckpt)
+def export_choice(model, meta: dict, row: Candidate, out: Path, policy: str, settings: dict) -> None:
+    """Bundles of the chosen split of the checkpoint's ``model``: its gates, calibration record (with the planner's
+    prediction and ``settings``) and link codecs in the manifests."""
     gates = to_gates(stored_family(meta, policy, row.pair), row.thresholds)
-    record = {**row.calibration, "planner": {"candidate": row.name, "predicted": row.predicted,
-                                             "settings": result["settings"]}}
+    record = {**row.calibration, "planner": {"candidate": row.name, "predicted": row.predicted, "settings": settings}}
     export_split(model, meta, row.pair, out, gates, policy if row.early_exits else "planner", record, list(row.codecs))
 
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.out / 'plan.json'}")
     if args.export and chosen is not None:
-        export_choice(args.checkpoint, rows[chosen], doc, args.export, args.policy)
+        export_choice(model, meta, rows[chosen], args.export, args.policy, result["settings"])
         print(f"exported the chosen split to {args.export}: python -m scripts.launch_local --bundle {args.export}")
     return 0
 

@@ -46,15 +46,15 @@ def test_slow_link_keeps_everything_on_the_device(slow_link_plan):
     assert [str(w) for w in best.codecs] == ["int8", "int8"] and best.early_exits
 
 
-def test_served_export_uses_the_chosen_codecs(slow_link_plan, planned, tiny_run, tmp_path):
+def test_served_export_uses_the_chosen_codecs(slow_link_plan, planned, tmp_path):
     """Three tier processes started on the exported bundles without --codec send int8, as planned: the bytes on
     each link are the predicted ones and the answers those of the in-process chain."""
     from device.client import run_client
     from scripts.launch_local import LocalDeployment
 
-    *_, test = planned
+    model, meta, _, test = planned
     best = slow_link_plan["candidates"][slow_link_plan["chosen"]]
-    export_choice(tiny_run, best, {**slow_link_plan, "settings": {}}, tmp_path / "bundle", "confidence")
+    export_choice(model, meta, best, tmp_path / "bundle", "confidence", {})
     with LocalDeployment(tmp_path / "bundle", startup_timeout_s=60) as dep:
         report = run_client(dep.device_address, test.images, test.labels, 64, tmp_path / "bundle")
     assert report["prediction_mismatches"] == 0
@@ -69,12 +69,12 @@ def test_fast_link_and_slow_device_offload_the_image(planned):
     assert result["candidates"][0].kind == "cloud_offload"
 
 
-def test_exported_choice_serves_the_predicted_answers(planned, tiny_run, tmp_path):
+def test_exported_choice_serves_the_predicted_answers(planned, tmp_path):
     """With element-wise codecs the served cascade is exactly the cached one: same accuracy, same exits."""
     model, meta, val, test = planned
     result = plan(model, meta, val, test, settings(codecs=("float32", "float16")), log=lambda *_: None)
     best = result["candidates"][result["chosen"]]
-    export_choice(tiny_run, best, {**result, "settings": {}}, tmp_path / "bundle", "confidence")
+    export_choice(model, meta, best, tmp_path / "bundle", "confidence", {})
     manifest = json.loads((tmp_path / "bundle" / "device" / "manifest.json").read_text())
     assert manifest["link"]["codec"] == best.codecs[0].name
     report, _ = evaluate_in_process(tmp_path / "bundle", test.images, test.labels, 64)
@@ -126,7 +126,7 @@ def test_more_exits_than_tiers_let_the_planner_choose(tmp_path):
     result = plan(model, meta, val, test, settings(codecs=("float32",)), log=lambda *_: None)
     assert {r.pair for r in result["candidates"] if r.kind == "split"} == {(0, 1), (0, 2), (1, 2)}
     best = result["candidates"][result["chosen"]]
-    export_choice(ckpt, best, {**result, "settings": {}}, tmp_path / "bundle", "confidence")
+    export_choice(model, meta, best, tmp_path / "bundle", "confidence", {})
     manifest = json.loads((tmp_path / "bundle" / "edge" / "manifest.json").read_text())
     assert manifest["model"]["exit_points"] == [cfg.exit_points[i] for i in best.pair]
     report, _ = evaluate_in_process(tmp_path / "bundle", test.images, test.labels, 64)
