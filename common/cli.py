@@ -64,9 +64,10 @@ def tier_gates(values: list[str] | None) -> dict:
     return gates
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = "synthetic:test",
+                  default_help: str = "synthetic:test") -> None:
     """``--data``, ``--split`` and ``--limit``: which samples a command reads."""
-    parser.add_argument("--data", default="synthetic:test", help="data spec (default: synthetic:test)")
+    parser.add_argument("--data", default=default, help=f"data spec (default: {default_help})")
     parser.add_argument("--split", default="test", help="split when the spec names none (default: test)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many samples")
 

@@ -63,11 +63,7 @@ def export_choice(model, meta: dict, row: Candidate, out: Path, policy: str, set
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.plan", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors written by training.train")
-    add_data_args(p)
-    p.set_defaults(data=None)
-    for action in p._actions:
-        if action.dest == "data":
-            action.help = "data spec to predict on (default: the checkpoint's own, its test partition)"
+    add_data_args(p, default=None, default_help="the checkpoint's own, its test partition")
     p.add_argument("--link", default=None, help="every link as RATE,RTT, e.g. 10mbit,20ms (default: loopback)")
     p.add_argument("--profile", default="", help="compute profile, TIER=S,... e.g. device=4,edge=2,cloud=1: each "
                    "tier's compute takes S x this machine's time (default 1 everywhere)")
