@@ -68,6 +68,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def encode(tensor: torch.Tensor) -> pb.Tensor:
     """Encode a CPU tensor as raw little-endian bytes (one copy, into the message)."""
+    header, data = encode_parts(tensor)
+    header.data = bytes(data)
+    return header
+
+
+def encode_parts(tensor: torch.Tensor) -> tuple[pb.Tensor, memoryview]:
+    """The ``Tensor`` message of ``tensor`` without its ``data``, and the raw little-endian elements as a flat byte
+    view of the tensor's memory (no copy when the tensor is contiguous): a sender that serializes the message itself
+    copies the elements once, straight into the request (``common.messages.encode_request``)."""
     name = dtype_name(tensor.dtype)
     t = tensor.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
@@ -75,7 +84,14 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
         arr = arr if LITTLE_ENDIAN else arr.byteswap()
     else:
         arr = t.numpy().astype(DTYPES[name][1], copy=False)
-    return pb.Tensor(dtype=name, shape=list(t.shape), data=arr.tobytes(), codec="raw")
+    return pb.Tensor(dtype=name, shape=list(t.shape), codec="raw"), byte_view(arr)
+
+
+def byte_view(arr: np.ndarray) -> memoryview:
+    """The bytes of the C-contiguous array ``arr`` as a flat read-only view (no copy)."""
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    flat.flags.writeable = False
+    return memoryview(flat)
 
 
 def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:

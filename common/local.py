@@ -35,10 +35,10 @@ class LocalLink:
 
     def __call__(self, batch: Batch) -> Forwarded:
         start = time.perf_counter()
-        request = messages.request_from_batch(batch, self.wire)
+        request = messages.encode_request(batch, self.wire)
         encode_ms = (time.perf_counter() - start) * 1e3
-        answer = messages.answer_request(self.runtime, request)
-        size = request.ByteSize()
+        answer = messages.answer_request(self.runtime, messages.Received.parse(request))
+        size = len(request)
         link_ms = emulate_link(self.link, size, messages.reply_from_answer(answer).ByteSize()) if self.link else 0.0
         return Forwarded(answer, size, encode_ms, link_ms)
 

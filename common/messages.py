@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from common import codec, tensor_codecs
 from common.codec import TensorLimits
@@ -13,14 +16,57 @@ from proto import splitexit_pb2 as pb
 MAX_QUEUED_MS = 3_600_000.0  # an hour: far beyond any batching delay, small enough to be plainly bogus above
 
 
+def _varint(n: int) -> bytes:
+    """``n`` >= 0 as a protobuf base-128 varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited_tag(field: FieldDescriptor) -> bytes:
+    assert field.number < 16, "a one-byte tag needs a field number below 16"
+    return bytes([field.number << 3 | 2])  # wire type 2: length-delimited
+
+
+_TENSOR_TAG = _length_delimited_tag(pb.InferRequest.DESCRIPTOR.fields_by_name["tensor"])
+_DATA_TAG = _length_delimited_tag(pb.Tensor.DESCRIPTOR.fields_by_name["data"])
+
+
+def encode_request(batch: Batch, wire: WireCodec = FLOAT32) -> bytes:
+    """The serialized ``InferRequest`` carrying ``batch`` over a link that uses ``wire``.
+
+    The encoded tensor is copied once, straight into the result, instead of into a message, then into its
+    serialization: everything but the tensor's ``data`` is serialized by protobuf, and a second occurrence of the
+    ``tensor`` field holding only ``data`` follows. Protobuf parsers merge repeated occurrences of an embedded message
+    field (the encoding specification's rule for "last one wins" fields), so every receiver parses exactly the
+    message ``request_from_batch`` returns.
+    """
+    header, data = tensor_codecs.encode_parts(batch.tensor, wire)
+    head = pb.InferRequest(request_id=batch.request_id, model_id=batch.model_id, sample_ids=batch.sample_ids,
+                           tensor=header, queued_ms=batch.queued_s * 1e3).SerializeToString()
+    inner = _DATA_TAG + _varint(len(data))
+    return b"".join((head, _TENSOR_TAG, _varint(len(inner) + len(data)), inner, data))
+
+
 def request_from_batch(batch: Batch, wire: WireCodec = FLOAT32) -> pb.InferRequest:
-    return pb.InferRequest(
-        request_id=batch.request_id,
-        model_id=batch.model_id,
-        sample_ids=batch.sample_ids,
-        tensor=tensor_codecs.encode(batch.tensor, wire),
-        queued_ms=batch.queued_s * 1e3,
-    )
+    """The ``InferRequest`` message ``encode_request`` serializes."""
+    return pb.InferRequest.FromString(encode_request(batch, wire))
+
+
+@dataclass(frozen=True)
+class Received:
+    """An ``InferRequest`` as a tier received it: the parsed message and its serialized size (what the link carried,
+    known without serializing the message again)."""
+
+    message: pb.InferRequest
+    nbytes: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> "Received":
+        return cls(pb.InferRequest.FromString(data), len(data))
 
 
 def batch_from_request(request: pb.InferRequest, limits: TensorLimits = codec.DEFAULT_LIMITS) -> Batch:
@@ -69,14 +115,14 @@ def answer_from_reply(reply: pb.InferReply) -> Answer:
     )
 
 
-def answer_request(runtime: TierRuntime, request: pb.InferRequest, deadline: float | None = None) -> Answer:
-    """Decode ``request``, let ``runtime`` answer it, and stamp this tier's hop with decode and handling time.
-    ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on downstream."""
+def answer_request(runtime: TierRuntime, received: Received, deadline: float | None = None) -> Answer:
+    """Decode the received request, let ``runtime`` answer it, and stamp this tier's hop with decode and handling
+    time. ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on."""
     start = time.perf_counter()
-    batch = batch_from_request(request)
+    batch = batch_from_request(received.message)
     batch.deadline = deadline
     decoded = time.perf_counter()
-    answer = runtime.process(batch, bytes_received=request.ByteSize())
+    answer = runtime.process(batch, bytes_received=received.nbytes)
     hop = answer.trace[0]
     hop.decode_ms = (decoded - start) * 1e3
     hop.handle_ms = (time.perf_counter() - start) * 1e3

@@ -132,15 +132,15 @@ class TierServicer(pb_grpc.TierServicer):
         self.description = description
         self.metrics = metrics
 
-    def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:
+    def Infer(self, received: messages.Received, context: grpc.ServicerContext) -> pb.InferReply:
         if self.runtime is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         t0 = time.perf_counter()
-        size = request.ByteSize()
+        request, size = received.message, received.nbytes
         try:
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
-            answer = messages.answer_request(self.runtime, request, deadline)
+            answer = messages.answer_request(self.runtime, received, deadline)
         except RequestError as e:
             code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
             self._failed(request.request_id, code, t0)
@@ -176,6 +176,20 @@ class TierServicer(pb_grpc.TierServicer):
         return self.description
 
 
+def add_tier_service(servicer: TierServicer, server: grpc.Server) -> None:
+    """Register the ``Tier`` service like the generated ``add_TierServicer_to_server``, except that ``Infer`` is
+    handed a ``messages.Received``: the request together with its size on the wire, which the tier reports and
+    counts, so that a large request is never serialized again just to be measured."""
+    def handler(method, request_type, response_type, parse=None):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=parse or request_type.FromString,
+                                                   response_serializer=response_type.SerializeToString)
+
+    server.add_registered_method_handlers(SERVICE_NAME, {
+        "Infer": handler(servicer.Infer, pb.InferRequest, pb.InferReply, messages.Received.parse),
+        "Describe": handler(servicer.Describe, pb.DescribeRequest, pb.TierDescription),
+    })
+
+
 def describe_tier(manifest: dict, gate_kind: str, gate_params: dict[str, float], next_tier: str,
                   policy: str = "", calibration: dict | None = None) -> pb.TierDescription:
     """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs."""
@@ -207,7 +221,7 @@ def create_server(
     options = server_options(max_message_bytes)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
-    pb_grpc.add_TierServicer_to_server(servicer, server)
+    add_tier_service(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in HEALTH_SERVICES:
@@ -256,6 +270,9 @@ class NextTierClient:
         self.channel = open_channel(target, security, channel_options(max_message_bytes))
         self.metadata = (security or Security()).metadata()
         self.stub = pb_grpc.TierStub(self.channel)
+        # Infer takes the request already serialized (messages.encode_request copies the tensor only once).
+        self._infer = self.channel.unary_unary(f"/{SERVICE_NAME}/Infer", request_serializer=None,
+                                               response_deserializer=pb.InferReply.FromString)
         self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
     def __call__(self, batch: Batch) -> Forwarded:
@@ -267,15 +284,15 @@ class NextTierClient:
             raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
                                   "UNAVAILABLE")
         start = time.perf_counter()
-        request = messages.request_from_batch(batch, self.wire)
+        request = messages.encode_request(batch, self.wire)
         encode_ms = (time.perf_counter() - start) * 1e3
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
-            reply = self.stub.Infer(request, timeout=timeout, metadata=self.metadata)
+            reply = self._infer(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
-        size = request.ByteSize()
+        size = len(request)
         link_ms = emulate_link(self.link, size, reply.ByteSize())
         return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
 

@@ -133,27 +133,35 @@ def _broadcast(v: torch.Tensor, x_dim: int) -> torch.Tensor:
 
 def encode(tensor: torch.Tensor, wire: WireCodec = FLOAT32) -> pb.Tensor:
     """Encode ``tensor`` for a link using ``wire``; see the module docstring for the formats."""
+    header, data = encode_parts(tensor, wire)
+    header.data = bytes(data)
+    return header
+
+
+def encode_parts(tensor: torch.Tensor, wire: WireCodec = FLOAT32) -> tuple[pb.Tensor, bytes | memoryview]:
+    """``encode`` as the message without ``data`` and the encoded bytes (for float32, a view of the tensor's own
+    memory), so that a sender serializing the request itself copies the payload only once."""
     x = tensor.detach().to("cpu")
     if wire.name == "float32" or not x.is_floating_point():
-        msg = codec.encode(x)
+        msg, data = codec.encode_parts(x)
     else:
         x = x.to(torch.float32).contiguous()
         msg = pb.Tensor(dtype="float32", shape=list(x.shape))
         if wire.name == "float16":
             msg.codec = "float16"
-            msg.data = x.clamp(-_F16_MAX, _F16_MAX).to(torch.float16).numpy().astype("<f2", copy=False).tobytes()
+            data = codec.byte_view(x.clamp(-_F16_MAX, _F16_MAX).to(torch.float16).numpy().astype("<f2", copy=False))
         else:
             scale, zero_point = _affine_params(x, per_channel=wire.name == "int8")
             s, z = _broadcast(scale, x.dim()), _broadcast(zero_point, x.dim())
             q = (torch.round(x / s) + z).clamp(-128, 127).to(torch.int8)
             msg.codec = "int8"
-            msg.data = q.numpy().tobytes()
+            data = codec.byte_view(q.numpy())
             msg.scale.extend(scale.tolist())
             msg.zero_point.extend(zero_point.tolist())
     if wire.compression == "zlib":
-        msg.data = zlib.compress(msg.data, wire.level)
+        data = zlib.compress(data, wire.level)
         msg.compression = "zlib"
-    return msg
+    return msg, data
 
 
 def _inflate(data: bytes, expected: int) -> bytes:

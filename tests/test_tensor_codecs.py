@@ -74,6 +74,28 @@ def test_messages_carry_the_codec_and_decoding_is_deterministic():
     assert sizes["float32"] > 3.5 * sizes["int8"]
 
 
+@pytest.mark.parametrize("wire", [WireCodec(), WireCodec("float16"), WireCodec("int8"), WireCodec("int8-tensor", "zlib"),
+                                  WireCodec("float32", "zlib")], ids=str)
+@pytest.mark.parametrize("tensor", [features(), features().transpose(2, 3), torch.zeros(0, 6, 5, 5),
+                                    torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8),
+                                    torch.randn(3, 4).to(torch.bfloat16)], ids=["features", "strided", "empty",
+                                                                                  "images", "bfloat16"])
+def test_requests_serialized_with_one_copy_parse_as_the_plain_message(tensor, wire):
+    """encode_request appends the tensor's data as a second occurrence of the tensor field: a standard parser must
+    read exactly the message built field by field, and the receiver must decode the same tensor."""
+    batch = Batch("r-1", "m", list(range(10, 10 + tensor.shape[0])), tensor, queued_s=0.25)
+    payload = messages.encode_request(batch, wire)
+    plain = pb.InferRequest(request_id="r-1", model_id="m", sample_ids=batch.sample_ids, queued_ms=250.0,
+                            tensor=tensor_codecs.encode(tensor, wire))
+    received = messages.Received.parse(payload)
+    assert received.message == plain and received.nbytes == len(payload)
+    assert plain.ByteSize() <= len(payload) <= plain.ByteSize() + 8  # one more tag and length, nothing else
+    decoded = messages.batch_from_request(received.message).tensor
+    assert torch.equal(decoded, messages.batch_from_request(plain).tensor)
+    if wire.name == "float32" or not tensor.is_floating_point():
+        assert torch.equal(decoded, tensor)
+
+
 def int8_msg():
     return tensor_codecs.encode(features(), WireCodec("int8"))
 

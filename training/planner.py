@@ -197,10 +197,10 @@ def link_profile(tensor: torch.Tensor, wire: WireCodec, model_id: str, sizes: li
         batch = Batch("plan-000000", model_id, list(range(10_000, 10_000 + n)), tensor[:n])
 
         def exchange() -> None:
-            wire_bytes = messages.request_from_batch(batch, wire).SerializeToString()
+            wire_bytes = messages.encode_request(batch, wire)
             tensor_codecs.decode(messages.pb.InferRequest.FromString(wire_bytes).tensor, _NO_LIMITS)
 
-        nbytes.append(float(messages.request_from_batch(batch, wire).ByteSize()))
+        nbytes.append(float(len(messages.encode_request(batch, wire))))
         seconds.append(median_seconds(exchange, reps))
     xs = tuple(float(s) for s in sizes)
     return Curve(xs, tuple(nbytes)), Curve(xs, tuple(seconds))
