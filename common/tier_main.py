@@ -15,11 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-# Set before torch loads its OpenMP runtime. Tiers share a host's cores with each other and with their gRPC threads,
-# and an OpenMP team that spin-waits after each parallel region (the runtime's default) burns the cores the next
-# tier needs while this one waits for its answer. PASSIVE puts idle threads to sleep; an explicit setting wins.
-# Measured with launch_local on the demo bundle (2 cores, torch's default threads): 869-933 -> 1,040 samples/s.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from common import host
+
+host.tune_environment()  # before torch loads its OpenMP runtime and allocator
 
 import torch  # noqa: E402
 
@@ -59,28 +57,6 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(parent):
         raise SystemExit(f"launcher {parent} is gone; not starting")
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-KEEP_FREED_BYTES = 256 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing it back to the OS after every request (Linux/glibc).
-
-    A tier allocates megabytes of activations per request and frees them when it answers. With glibc's defaults
-    those buffers are mmapped and unmapped, or the worker thread's heap is trimmed, every time, so each request
-    page-faults (and zeroes) its tensors in again: measured here, the served tiers ran about a third slower than the
-    same segments in one process. Serving large allocations from the heap and not trimming it keeps the resident
-    size at its working-set peak instead. Returns whether the setting took."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, 4 * KEEP_FREED_BYTES))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def get_args_parser(tier: str) -> argparse.ArgumentParser:
@@ -160,7 +136,7 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     if not 0 < args.compute_scale < math.inf:
         raise ConfigError(f"--compute-scale must be a positive number, got {args.compute_scale}")
     configure_logging(tier, args.log_format, args.log_level)
-    if not args.return_freed_memory and not keep_freed_memory():
+    if not args.return_freed_memory and not host.keep_freed_memory():
         log.info("could not tune the allocator (not glibc): freed memory goes back to the OS")
     if args.threads:
         torch.set_num_threads(args.threads)

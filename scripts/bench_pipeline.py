@@ -6,7 +6,9 @@ Without ``--bundle`` it first trains a small model on the built-in synthetic dat
 training and 256 test images; otherwise the demo's recipe and 2,000 images). Then, on loopback:
 
 - ``serving_overhead``: throughput of the three tier processes (float32 links, no emulation) against the same
-  bundles chained in one process, same batches; ``distributed_over_in_process`` is the ratio;
+  bundles chained in one process, same batches, requests alternating between the two; ``distributed_over_in_process``
+  is the ratio. ``--overhead-widths`` repeats it for freshly initialised ResNet-18s of other widths (default 0.25 and
+  1 without ``--quick``), every sample crossing both links, to show how the ratio depends on the model's size;
 - ``codecs``: every link codec, in process (the bytes are those of the very requests a tier would send), with
   every sample sent across every link: bytes per sample on each link, accuracy, ``bytes_ratio_vs_float32``;
 - ``baselines``: per emulated link setting (every link of the deployment gets it) and the compute profiles
@@ -23,15 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
+from common import host
+
+host.tune_environment()  # the tiers' settings, before torch loads: measured in process as they will be served
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from common.baselines import (Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime)
-from common.bundle import find_tier_folders, load_tier_bundle
+from common.bundle import export_bundles, find_tier_folders, load_tier_bundle
 from common.cli import positive_int, run
 from common.cost_model import parse_profile
 from common.errors import ConfigError
@@ -40,11 +47,29 @@ from common.gates import ConstantGate
 from common.link import parse_link
 from common.local import LocalLink, load_local_chain
 from common.rpc import NextTierClient
-from common.runtime import Batch
+from common.runtime import Batch, Forward
 from common.tensor_codecs import ELEMENT_CODECS, FLOAT32, WireCodec, link_args
 from scripts.launch_local import LocalDeployment
 
 NEVER = ConstantGate(False)
+WIDTH_SAMPLES = 256  # images per pass of the width sweep: a full-width ResNet-18 runs about 100 per second here
+
+
+def parse_widths(spec: str | None, quick: bool) -> list[float]:
+    """``--overhead-widths``: comma-separated positive widths, ``none``, or the default for the run's size."""
+    if spec is None:
+        return [] if quick else [0.25, 1.0]
+    if spec == "none":
+        return []
+    try:
+        widths = [float(w) for w in spec.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or not all(0 < w <= 4 for w in widths):
+        raise ConfigError(f"--overhead-widths takes comma-separated widths in (0, 4] or 'none', got {spec!r}")
+    return widths
+
+
 SECTIONS = {"serving_overhead", "codecs", "baselines", "planner"}
 
 
@@ -96,38 +121,81 @@ def throughput(forward, images, model_id, batch_size, inflight: int = 1) -> floa
     return answered / (time.perf_counter() - start)
 
 
+def paired_seconds(forwards: dict[str, Forward], images, model_id, batch_size, rounds: int) -> dict[str, list[float]]:
+    """Seconds per request of each forward function over the full batches of ``images``, interleaved request by
+    request (the order rotating every round), so that all of them meet the same disturbances of a shared machine."""
+    names, seconds = list(forwards), {name: [] for name in forwards}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for i, lo in enumerate(range(0, len(images) - batch_size + 1, batch_size)):
+            for name in order:
+                ids = list(range(lo, lo + batch_size))
+                batch = Batch(f"{name}-{r}-{i}", model_id, ids, images[lo:lo + batch_size])
+                start = time.perf_counter()
+                forwards[name](batch)
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def measure_overhead(bundle_root, bundles, data, batch_size, rounds: int = 3, threads: int | None = None,
                      inflight: int = 2) -> dict:
-    """Alternate in-process and distributed passes and compare the best of each: on a shared machine the best
-    pass is the one least disturbed by other work, so it is the fairest estimate of each system's own cost.
+    """The three tier processes against the same bundles chained in one process, one request at a time.
 
-    Both run one batch at a time; the three-process pipeline is also measured with ``inflight`` requests
-    outstanding (``pipelined``), so that its tiers can work on different batches at once."""
+    Requests alternate between the two (``paired_seconds``) and each side's cost is its median time per request:
+    on a shared machine, bursts of other work then fall on both sides alike and barely move the medians, where
+    whole passes one after the other were each disturbed differently. The three-process pipeline is also measured
+    with ``inflight`` requests outstanding (``pipelined``, the median of ``rounds`` passes), so that its tiers work
+    on different batches at once."""
     first, _ = load_local_chain(bundle_root)
     model_id = bundles[0].model_id
     local = LocalLink(first)
-    runs: dict[str, list[float]] = {"in_process": [], "distributed": [], "pipelined": []}
     extra = {t: ["--threads", str(threads)] for t in (b.tier for b in bundles)} if threads else {}
     with LocalDeployment(bundle_root, extra_args=extra) as dep:
         client = NextTierClient(dep.device_address, timeout_s=120)
         try:
             warm_up(local, data.images, model_id, batch_size)
             warm_up(client, data.images, model_id, batch_size)
-            for _ in range(rounds):
-                runs["in_process"].append(throughput(local, data.images, model_id, batch_size))
-                runs["distributed"].append(throughput(client, data.images, model_id, batch_size))
-                runs["pipelined"].append(throughput(client, data.images, model_id, batch_size, inflight))
+            seconds = paired_seconds({"in_process": local, "distributed": client}, data.images, model_id,
+                                     batch_size, rounds)
+            pipelined = [throughput(client, data.images, model_id, batch_size, inflight) for _ in range(rounds)]
         finally:
             client.close()
-    best = {k: max(v) for k, v in runs.items()}
-    return {"batch_size": batch_size, "codec": "float32", "samples": len(data.images), "rounds": rounds,
-            "torch_threads_per_process": threads or torch.get_num_threads(),
-            "in_process_samples_per_s": round(best["in_process"], 1),
-            "distributed_samples_per_s": round(best["distributed"], 1),
-            "distributed_over_in_process": round(best["distributed"] / best["in_process"], 3),
+    median = {k: float(np.median(v)) for k, v in seconds.items()}
+    rate = {k: batch_size / v for k, v in median.items()}
+    return {"batch_size": batch_size, "codec": "float32", "requests_each": len(seconds["in_process"]),
+            "rounds": rounds, "torch_threads_per_process": threads or torch.get_num_threads(),
+            "in_process_samples_per_s": round(rate["in_process"], 1),
+            "distributed_samples_per_s": round(rate["distributed"], 1),
+            "distributed_over_in_process": round(median["in_process"] / median["distributed"], 3),
+            # What serving adds to a request: calls, copies and transport, and tiers whose caches went cold idling.
+            "overhead_ms_per_request": round((median["distributed"] - median["in_process"]) * 1e3, 2),
+            "ms_per_request_p10_p50_p90": {k: [round(float(np.percentile(v, q)) * 1e3, 2) for q in (10, 50, 90)]
+                                           for k, v in seconds.items()},
             "pipelined_requests_in_flight": inflight,
-            "pipelined_over_in_process": round(best["pipelined"] / best["in_process"], 3),
-            "all_passes_samples_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()}}
+            "pipelined_samples_per_s": round(float(np.median(pipelined)), 1),
+            "pipelined_over_in_process": round(float(np.median(pipelined)) / rate["in_process"], 3)}
+
+
+def overhead_by_width(out: Path, widths: list[float], data, batch_size: int, threads: int | None) -> dict:
+    """``measure_overhead`` for the CIFAR ResNet-18 at each channel width, freshly initialised, with every sample
+    crossing both links (never gates). A request's compute grows with the square of the width, the tensors it sends
+    only linearly and its number of calls not at all, so this shows from which model size on three processes cost
+    little. Training does not change the cost of serving, so the weights are left as initialised."""
+    from training.config import TrainConfig
+    from training.train import build_model
+
+    rows = {}
+    for width in widths:
+        torch.manual_seed(0)
+        model = build_model(TrainConfig(width=width), 10, tuple(data.images.shape[1:])).eval()
+        root = out / f"overhead-width-{width:g}"
+        export_bundles(model, [NEVER] * (model.num_exits - 1), root, [str(c) for c in range(10)])
+        bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
+        rows[f"{width:g}"] = {"flops_per_sample": bundles[0].manifest["flops"]["full_network"],
+                              "device_to_edge_bytes_per_sample": 4 * math.prod(bundles[0].manifest["output_shape"]),
+                              **measure_overhead(root, bundles, data, batch_size, rounds=4, threads=threads)}
+        print(f"serving overhead, ResNet-18 width {width:g}:", json.dumps(rows[f"{width:g}"]), flush=True)
+    return rows
 
 
 def measure_codecs(bundles, data, batch_size, tiers, link_names) -> dict:
@@ -327,6 +395,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads of this process and of every tier process (default 1: three processes of "
                         "two threads each oversubscribe a 2-core machine)")
+    p.add_argument("--overhead-widths", default=None,
+                   help="comma-separated widths of a freshly initialised ResNet-18 whose serving overhead is measured "
+                        "too (default 0.25,1 without --quick, none with it; 'none' for none)")
     p.add_argument("--sections", default="serving_overhead,codecs,baselines,planner",
                    help="comma-separated parts to measure (default: all four)")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -340,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
+    host.keep_freed_memory()  # the allocator setting of the tier processes, for the in-process side too
     for spec in args.links:
         parse_link(spec)  # fail before any work
+    widths = parse_widths(args.overhead_widths, args.quick)
     sections = set(filter(None, args.sections.split(",")))
     if not sections or sections - SECTIONS:
         raise ConfigError(f"--sections takes a comma-separated subset of {', '.join(sorted(SECTIONS))}")
@@ -363,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     if "serving_overhead" in sections:
         result["serving_overhead"] = measure_overhead(root, bundles, data, args.batch_size, threads=args.threads)
         print("serving overhead:", json.dumps(result["serving_overhead"]), flush=True)
+        if widths:
+            result["serving_overhead"]["resnet18_by_width"] = overhead_by_width(
+                args.out, widths, data.subset(torch.arange(min(len(data), WIDTH_SAMPLES))),
+                args.batch_size, args.threads)
     if "codecs" in sections:
         result["codecs"] = measure_codecs(bundles, data, args.batch_size, tiers, link_names)
         for name, row in result["codecs"].items():

@@ -22,7 +22,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from common import host
+
+host.tune_environment()  # the tiers' settings, before torch loads: measured in process as they will be served
+
+import torch  # noqa: E402
 
 from common.cli import add_data_args, non_negative_float, positive_int, run
 from common.cost_model import parse_profile
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load
 
     args = get_args_parser().parse_args(argv)
+    host.keep_freed_memory()  # time the segments with the allocator setting the tiers serve them with
     link = parse_link(args.link) if args.link else None
     compressions = tuple("" if c == "none" else c for c in filter(None, args.compressions.split(",")))
     if not compressions or set(compressions) - set(COMPRESSIONS):

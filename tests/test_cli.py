@@ -1,4 +1,5 @@
 """Bad command-line values stop with one readable line, not a traceback."""
+import os
 import subprocess
 import sys
 
@@ -68,5 +69,16 @@ def test_unreachable_device_is_one_line():
                     reason="the allocator tuning is for glibc")
 def test_tiers_keep_freed_memory_for_reuse():
     """The tier start-up tuning takes on glibc (in a child process: it changes the allocator for good)."""
-    code = "from common.tier_main import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
+    code = "from common.host import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_tier_processes_tune_the_environment_before_torch_loads_and_explicit_settings_win():
+    code = ("import os, sys; import common.tier_main; "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['THP_MEM_ALLOC_ENABLE'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60, capture_output=True, text=True)
+    assert out.stdout.split() == ["PASSIVE", "1"]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         timeout=60, capture_output=True, text=True)
+    assert out.stdout.split() == ["PASSIVE", "0"]

@@ -74,8 +74,8 @@ def test_messages_carry_the_codec_and_decoding_is_deterministic():
     assert sizes["float32"] > 3.5 * sizes["int8"]
 
 
-@pytest.mark.parametrize("wire", [WireCodec(), WireCodec("float16"), WireCodec("int8"), WireCodec("int8-tensor", "zlib"),
-                                  WireCodec("float32", "zlib")], ids=str)
+@pytest.mark.parametrize("wire", [WireCodec(), WireCodec("float16"), WireCodec("int8"),
+                                  WireCodec("int8-tensor", "zlib"), WireCodec("float32", "zlib")], ids=str)
 @pytest.mark.parametrize("tensor", [features(), features().transpose(2, 3), torch.zeros(0, 6, 5, 5),
                                     torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8),
                                     torch.randn(3, 4).to(torch.bfloat16)], ids=["features", "strided", "empty",
