@@ -40,9 +40,9 @@ def encode_request(batch: Batch, wire: WireCodec = FLOAT32) -> bytes:
 
     The encoded tensor is copied once, straight into the result, instead of into a message, then into its
     serialization: everything but the tensor's ``data`` is serialized by protobuf, and a second occurrence of the
-    ``tensor`` field holding only ``data`` follows. Protobuf parsers merge repeated occurrences of an embedded message
-    field (the encoding specification's rule for "last one wins" fields), so every receiver parses exactly the
-    message ``request_from_batch`` returns.
+    ``tensor`` field holding only ``data`` follows. The protobuf encoding specification has parsers merge repeated
+    occurrences of a singular embedded-message field, so every receiver parses exactly the message
+    ``request_from_batch`` returns.
     """
     header, data = tensor_codecs.encode_parts(batch.tensor, wire)
     head = pb.InferRequest(request_id=batch.request_id, model_id=batch.model_id, sample_ids=batch.sample_ids,

@@ -76,8 +76,8 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
     p.add_argument("--return-freed-memory", action="store_true",
-                   help="give freed activation memory back to the OS after each request (glibc's default; slower: "
-                        "every request page-faults its tensors in again)")
+                   help="give freed activation memory back to the OS after each request and keep one allocator "
+                        "arena per thread (glibc's defaults; slower: requests page-fault their tensors in again)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the next tier's answer at most (less when the caller's deadline is nearer)")
     p.add_argument("--on-downstream-failure", choices=ON_DOWNSTREAM_FAILURE, default="degrade",

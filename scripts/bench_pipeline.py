@@ -102,9 +102,10 @@ def summarize(report: dict, records, links: list[str]) -> dict:
     }
 
 
-def warm_up(forward, images, model_id, batch_size) -> None:
-    """Two batches off the clock: a fresh process pays for lazy initialisation on its first calls."""
-    feed(forward, images[:2 * batch_size], model_id, batch_size, "warmup")
+def warm_up(forward, images, model_id, batch_size, batches: int = 4) -> None:
+    """A few batches off the clock: a fresh process pays for lazy initialisation and for faulting its working set in
+    on its first calls."""
+    feed(forward, images[:batches * batch_size], model_id, batch_size, "warmup")
 
 
 def throughput(forward, images, model_id, batch_size, inflight: int = 1) -> float:
