@@ -1,7 +1,7 @@
 """Exit heads sized from the feature shape at a stage boundary, and the multi-exit network used for training."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -11,22 +11,33 @@ from common.models.registry import build_backbone
 from common.models.staged import StagedBackbone
 
 
-@dataclass(frozen=True)
-class ExitHeadSpec:
-    """How an exit head is built: ``conv_channels`` 3x3 conv + BN + ReLU (0 = none), global pool, linear."""
+def _refuse_unknown_keys(cls, d: dict, what: str) -> None:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} keys: {sorted(unknown)}")
 
-    conv_channels: int = 0
-    conv_stride: int = 1
+
+class _FlatRecord:
+    """``to_dict`` / ``from_dict`` for a frozen dataclass of plain values, refusing keys it does not have."""
+
+    WHAT = "record"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExitHeadSpec":
-        unknown = set(d) - {"conv_channels", "conv_stride"}
-        if unknown:
-            raise ConfigError(f"unknown exit head keys: {sorted(unknown)}")
+    def from_dict(cls, d: dict):
+        _refuse_unknown_keys(cls, d, cls.WHAT)
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class ExitHeadSpec(_FlatRecord):
+    """How an exit head is built: ``conv_channels`` 3x3 conv + BN + ReLU (0 = none), global pool, linear."""
+
+    WHAT = "exit head"
+    conv_channels: int = 0
+    conv_stride: int = 1
 
 
 def build_exit_head(feature_shape: tuple[int, ...], num_classes: int, spec: ExitHeadSpec) -> nn.Module:
@@ -45,23 +56,14 @@ def build_exit_head(feature_shape: tuple[int, ...], num_classes: int, spec: Exit
 
 
 @dataclass(frozen=True)
-class BottleneckSpec:
+class BottleneckSpec(_FlatRecord):
     """A learned bottleneck on the device→edge link (after the first exit point): the device encodes its features
     into ``channels`` maps at ``1/stride`` of their resolution (3x3 conv + BN), the edge decodes them back (nearest
     upsampling, 3x3 conv + BN + ReLU). ``channels`` 0 means none. Trained with everything else."""
 
+    WHAT = "bottleneck"
     channels: int = 0
     stride: int = 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BottleneckSpec":
-        unknown = set(d) - {"channels", "stride"}
-        if unknown:
-            raise ConfigError(f"unknown bottleneck keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def build_bottleneck(feature_shape: tuple[int, ...], spec: BottleneckSpec) -> tuple[nn.Module, nn.Module]:
@@ -104,10 +106,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         d = dict(d)
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model spec keys: {sorted(unknown)}")
+        _refuse_unknown_keys(cls, d, "model spec")
         if "exit_head" in d:
             d["exit_head"] = ExitHeadSpec.from_dict(d["exit_head"])
         if "bottleneck" in d:
