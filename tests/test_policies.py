@@ -99,7 +99,7 @@ def test_target_drop_and_budget(policy):
 def test_objective_errors_are_config_errors():
     logits, labels = synthetic_exits(n=300)
     family = policy_family("confidence", None, 2)
-    with pytest.raises(ConfigError, match="target drop"):
+    with pytest.raises(ConfigError, match="target_drop"):
         calibrate_policy(logits, labels, family, COSTS, target_drop=-1.0)
     with pytest.raises(ConfigError, match="no thresholds fit"):
         calibrate_policy(logits, labels, family, COSTS, budget=0.2, full_flops=FULL)  # below the first exit's cost

@@ -27,6 +27,7 @@ from common.cli import run
 from common.errors import ConfigError
 from common.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats,
                           threshold_gate)
+from training.config import check_targets
 from training.risk import BOUNDS, fixed_sequence, pvalue
 
 POLICIES = POLICY_NAMES
@@ -194,14 +195,7 @@ class Objective:
     @classmethod
     def from_targets(cls, target_accuracy: float | None = None, target_drop: float | None = None,
                      budget: float | None = None, method: str = "naive") -> "Objective":
-        if sum(x is not None for x in (target_accuracy, target_drop, budget)) > 1:
-            raise ConfigError("give at most one of --target-accuracy, --target-drop and --budget-flops")
-        if target_drop is not None and target_drop < 0:
-            raise ConfigError(f"target drop must be >= 0 points, got {target_drop}")
-        if budget is not None and budget <= 0:
-            raise ConfigError(f"FLOPs budget must be a positive fraction, got {budget}")
-        if target_accuracy is not None and not 0 < target_accuracy < 1:
-            raise ConfigError(f"target accuracy must lie in (0, 1), got {target_accuracy}")
+        check_targets(target_accuracy, target_drop, budget)
         if target_drop is not None:
             return cls("drop", target_drop)
         if target_accuracy is not None:

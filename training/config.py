@@ -3,6 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.errors import ConfigError
+
+
+def check_targets(target_accuracy: float | None, target_drop: float | None, budget_flops: float | None) -> None:
+    """The calibration targets of a training config or a calibration command: at most one, each in its range.
+    Messages name the config key and the command-line flag, since both lead here."""
+    if sum(x is not None for x in (target_accuracy, target_drop, budget_flops)) > 1:
+        raise ConfigError("give at most one of target_accuracy, target_drop and budget_flops "
+                          "(--target-accuracy, --target-drop, --budget-flops)")
+    if target_drop is not None and not target_drop >= 0:
+        raise ConfigError(f"target_drop (--target-drop) must be >= 0 points, got {target_drop}")
+    if budget_flops is not None and not budget_flops > 0:
+        raise ConfigError(f"budget_flops (--budget-flops) must be a positive fraction, got {budget_flops}")
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise ConfigError(f"target_accuracy (--target-accuracy) must lie in (0, 1], got {target_accuracy}")
+
 
 def _h(text: str):
     return field(default=None, metadata={"help": text})
@@ -97,14 +113,7 @@ class TrainConfig:
             raise ValueError(f"policy must be confidence, entropy, margin, mlp, cost or both, got {self.policy!r}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.target_drop is not None and self.target_drop < 0:
-            raise ValueError(f"target_drop must be >= 0 points, got {self.target_drop}")
-        if self.budget_flops is not None and self.budget_flops <= 0:
-            raise ValueError(f"budget_flops must be a positive fraction, got {self.budget_flops}")
-        if sum(x is not None for x in (self.target_accuracy, self.target_drop, self.budget_flops)) > 1:
-            raise ValueError("give at most one of target_accuracy, target_drop and budget_flops")
-        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
-            raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+        check_targets(self.target_accuracy, self.target_drop, self.budget_flops)
         if self.calibration not in ("naive", "ltt"):
             raise ValueError(f"calibration must be naive or ltt, got {self.calibration!r}")
         if not 0 < self.delta < 1:
