@@ -104,7 +104,7 @@ def add_link_args(p: argparse.ArgumentParser) -> None:
     """Communication against computation: the outgoing link's codec and emulated network, the compute profile."""
     add_codec_args(p)
     p.add_argument("--link", default=None, help="emulate the outgoing link as RATE,RTT, e.g. 10mbit,20ms")
-    p.add_argument("--compute-scale", type=float, default=1.0,
+    p.add_argument("--compute-scale", type=positive_float, default=1.0,
                    help="stretch this tier's compute to S x its measured time (emulate a slower machine)")
 
 
@@ -133,8 +133,6 @@ def main(tier: str, argv: list[str] | None = None) -> int:
     die_with_parent()
     wire = wire_from_args(args)
     link = parse_link(args.link) if args.link else None
-    if not 0 < args.compute_scale < math.inf:
-        raise ConfigError(f"--compute-scale must be a positive number, got {args.compute_scale}")
     configure_logging(tier, args.log_format, args.log_level)
     if not args.return_freed_memory and not host.keep_freed_memory():
         log.info("could not tune the allocator (not glibc): freed memory goes back to the OS")

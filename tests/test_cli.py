@@ -25,7 +25,7 @@ def run(*args, timeout=60):
     (("cloud", "--bundle", "/x", "--plugin", "no_such_module_here"), "cannot import plugin module"),
     (("edge", "--bundle", "/x", "--link", "10mb,20ms"), "bad link rate '10mb'"),
     (("edge", "--bundle", "/x", "--compress", "lz4"), "unknown compression"),
-    (("edge", "--bundle", "/x", "--compute-scale", "0"), "--compute-scale must be a positive number"),
+    (("edge", "--bundle", "/x", "--compute-scale", "0"), "--compute-scale: expected a positive number, got '0'"),
     (("scripts.launch_local", "--bundle", "/x", "--link", "10mbit"), "expected RATE,RTT"),
 ])
 def test_one_line_errors(args, words):
