@@ -73,7 +73,7 @@ def test_tiers_keep_freed_memory_for_reuse():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
 
 
-def test_tier_processes_tune_the_environment_before_torch_loads_and_explicit_settings_win():
+def test_tier_processes_set_their_environment_defaults_and_explicit_settings_win():
     code = ("import os, sys; import common.tier_main; "
             "print(os.environ['OMP_WAIT_POLICY'], os.environ['THP_MEM_ALLOC_ENABLE'])")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
