@@ -30,12 +30,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt pa
 KEEP_FREED_BYTES = 256 << 20
 
 
-def tune_environment() -> dict[str, str]:
-    """Set the ``ENVIRONMENT`` defaults that are not set yet and return the values in force. Only effective before
-    torch is imported (its libraries read them once), so entry points call it before their other imports."""
+def tune_environment() -> None:
+    """Set the ``ENVIRONMENT`` defaults that are not set yet. Only effective before torch is imported (its libraries
+    read them once), so entry points call it before their other imports."""
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in ENVIRONMENT}
 
 
 def keep_freed_memory() -> bool:

@@ -108,12 +108,9 @@ def warm_up(forward, images, model_id, batch_size, batches: int = 4) -> None:
     feed(forward, images[:batches * batch_size], model_id, batch_size, "warmup")
 
 
-def throughput(forward, images, model_id, batch_size, inflight: int = 1) -> float:
-    """Samples per second over ``images``; ``inflight`` > 1 keeps that many requests outstanding at once, so the
-    tiers of a pipeline work on different batches at the same time."""
-    if inflight == 1:
-        _, wall = feed(forward, images, model_id, batch_size, "timed")
-        return len(images) / wall
+def throughput(forward, images, model_id, batch_size, inflight: int) -> float:
+    """Samples per second over ``images`` with ``inflight`` requests outstanding at once, so that the tiers of a
+    pipeline work on different batches at the same time."""
     batches = [Batch(f"timed-{i}", model_id, list(range(lo, min(lo + batch_size, len(images)))),
                      images[lo:lo + batch_size]) for i, lo in enumerate(range(0, len(images), batch_size))]
     start = time.perf_counter()

@@ -100,8 +100,6 @@ def serve(serve_runtime):
         client.close()
 
 
-
-
 def _dead_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
