@@ -53,7 +53,7 @@ def non_negative_float(value: str) -> float:
 
 def tier_gates(values: list[str] | None) -> dict:
     """Parse repeated ``TIER=SPEC`` gate overrides (``device=confidence:0.9``) into ``{tier: Gate}``."""
-    from common.gates import parse_gate
+    from common.model.gates import parse_gate
 
     gates = {}
     for v in values or []:
@@ -84,7 +84,7 @@ def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
 
 def emit_report(report: dict, args: argparse.Namespace) -> None:
     """Print the summary of a run and write its JSON report where ``--report`` says."""
-    from common.report import format_summary, write_report
+    from common.emulation.report import format_summary, write_report
 
     report["data"] = args.data
     print(format_summary(report))

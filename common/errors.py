@@ -1,4 +1,4 @@
-"""Exceptions shared by every room. None of them knows about gRPC; ``common.rpc`` maps them to status codes."""
+"""Exceptions shared by every room. None of them knows about gRPC; ``common.serving.server`` maps them to status codes."""
 from __future__ import annotations
 
 

@@ -1,9 +1,9 @@
 """Importing user modules that register backbones of their own (``--plugin MODULE``, ``SPLITEXIT_PLUGINS``).
 
-A plugin is any importable Python module whose import registers backbones with ``common.models.register_backbone``.
+A plugin is any importable Python module whose import registers backbones with ``common.model.register_backbone``.
 ``use_plugins`` imports the modules a command was given and also records them in the ``SPLITEXIT_PLUGINS``
 environment variable (comma-separated), so the processes the command starts - the launcher's tiers - import them too,
-and so does any code path that meets an unregistered backbone name (``common.models.registry.backbone_info``).
+and so does any code path that meets an unregistered backbone name (``common.model.registry.backbone_info``).
 Bundles never name code to import: which modules to trust is always the operator's decision.
 """
 from __future__ import annotations

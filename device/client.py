@@ -13,14 +13,14 @@ import json
 from pathlib import Path
 
 from common.cli import add_run_args, address, emit_report, run, tier_gates
-from common.feed import feed_and_report
-from common.gates import Gate
-from common.local import evaluate_in_process
-from common.report import compare
-from common.rpc import NextTierClient
+from common.emulation.feed import feed_and_report
+from common.model.gates import Gate
+from common.emulation.chain import evaluate_in_process
+from common.emulation.report import compare
+from common.serving.client import NextTierClient
 from common.plugins import use_plugins
-from common.security import Security, add_security_args, security_from_args
-from common.tensor_codecs import WireCodec, add_codec_args, wire_from_args
+from common.serving.security import Security, add_security_args, security_from_args
+from common.wire.codecs import WireCodec, add_codec_args, wire_from_args
 
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data import load  # the data-spec readers live with the training code
+    from common.data.datasets import load  # the data-spec readers live with the training code
 
     args = get_args_parser().parse_args(argv)
     use_plugins(args.plugin)

@@ -7,8 +7,8 @@ after which a tier may hand over, and the converter makes the stages and checks 
 import torch
 from torch import nn
 
-from common.models import register_backbone
-from common.models.convert import convert
+from common.model import register_backbone
+from common.model.convert import convert
 
 
 class Block(nn.Module):

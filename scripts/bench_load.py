@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import non_negative_float, positive_int, run, tier_gates
-from common.rpc import NextTierClient
-from common.runtime import Batch
-from scripts.launch_local import LocalDeployment
+from common.serving.client import NextTierClient
+from common.wire.batch import Batch
+from common.emulation.deployment import LocalDeployment
 
 
 def rss_bytes(pid: int) -> int:
@@ -157,7 +157,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data import load
+    from common.data.datasets import load
 
     args = get_args_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,31 +25,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import host
+from common.serving import host
 
 host.tune_environment()  # the tiers' settings, before torch loads: measured in process as they will be served
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.baselines import (Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime)
-from common.bundle import export_bundles, find_tier_folders, load_tier_bundle
+from common.emulation.baselines import Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime
+from training.export import export_bundles
+from common.model.bundle import find_tier_folders, load_tier_bundle
 from common.cli import positive_int, run
-from common.cost_model import parse_profile
+from common.emulation.cost_model import parse_profile
 from common.errors import ConfigError
-from common.feed import feed, feed_and_report
-from common.gates import ConstantGate
-from common.link import parse_link
-from common.local import LocalLink, load_local_chain
-from common.rpc import NextTierClient
-from common.runtime import Batch, Forward
-from common.tensor_codecs import ELEMENT_CODECS, FLOAT32, WireCodec, link_args
-from scripts.launch_local import LocalDeployment
+from common.emulation.feed import feed, feed_and_report
+from common.model.gates import ConstantGate
+from common.wire.link import parse_link
+from common.emulation.chain import LocalLink, load_local_chain
+from common.serving.client import NextTierClient
+from common.wire.batch import Batch
+from common.serving.runtime import Forward
+from common.wire.codecs import ELEMENT_CODECS, FLOAT32, WireCodec, link_args
+from common.emulation.deployment import LocalDeployment
 
 NEVER = ConstantGate(False)
 WIDTH_SAMPLES = 256  # images per pass of the width sweep: a full-width ResNet-18 runs about 100 per second here
@@ -189,8 +190,8 @@ def overhead_by_width(out: Path, widths: list[float], data, batch_size: int, thr
         root = out / f"overhead-width-{width:g}"
         export_bundles(model, [NEVER] * (model.num_exits - 1), root, [str(c) for c in range(10)])
         bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
-        rows[f"{width:g}"] = {"flops_per_sample": bundles[0].manifest["flops"]["full_network"],
-                              "device_to_edge_bytes_per_sample": 4 * math.prod(bundles[0].manifest["output_shape"]),
+        rows[f"{width:g}"] = {"flops_per_sample": bundles[0].manifest.full_network_flops,
+                              "device_to_edge_bytes_per_sample": bundles[0].manifest.output_bytes_per_sample,
                               **measure_overhead(root, bundles, data, batch_size, rounds=4, threads=threads)}
         print(f"serving overhead, ResNet-18 width {width:g}:", json.dumps(rows[f"{width:g}"]), flush=True)
     return rows
@@ -206,7 +207,7 @@ def measure_codecs(bundles, data, batch_size, tiers, link_names) -> dict:
             never = [NEVER] * (len(bundles) - 1) + [None]
             chain = emulated_chain(bundles, never, [wire] * len(bundles), [None] * len(bundles), [1.0] * len(bundles))
             report, records = feed_and_report(Direct(chain), data.images, data.labels, bundles[0].model_id,
-                                              batch_size, tiers, bundles[0].manifest["flops"]["full_network"])
+                                              batch_size, tiers, bundles[0].manifest.full_network_flops)
             encode = report["latency_breakdown_ms"]["encode"]["mean"]
             decode = report["latency_breakdown_ms"]["decode"]["mean"]
             rows[str(wire)] = {"accuracy": report["accuracy"],
@@ -224,7 +225,7 @@ def measure_baselines(bundle_root, bundles, data, batch_size, tiers, link_names,
                       threads: int | None = None) -> dict:
     link = parse_link(link_spec)
     n = len(bundles)
-    full = bundles[0].manifest["flops"]["full_network"]
+    full = bundles[0].manifest.full_network_flops
     model_id = bundles[0].model_id
 
     def run_one(forward):
@@ -282,8 +283,8 @@ def measure_planner(ckpt: Path, data, batch_size: int, link_spec: str, scales: l
     """Plan for ``link_spec`` and the compute profile, export the chosen split, serve it with three processes
     under the same link and profile, and compare the measured mean latency per request with the prediction."""
     from training import checkpoint
-    from training.data import load
-    from training.planner import Settings, plan
+    from common.data.datasets import load
+    from training.analysis.planner import Settings, plan
     from scripts.plan import export_choice
 
     model, meta = checkpoint.load(ckpt)
@@ -309,7 +310,7 @@ def measure_planner(ckpt: Path, data, batch_size: int, link_spec: str, scales: l
         try:
             warm_up(client, data.images, bundles[0].model_id, batch_size)
             report, records = feed_and_report(client, data.images, data.labels, bundles[0].model_id, batch_size,
-                                              tiers, bundles[0].manifest["flops"]["full_network"])
+                                              tiers, bundles[0].manifest.full_network_flops)
         finally:
             client.close()
     measured = summarize(report, records, [f"{a}_to_{b}" for a, b in zip(tiers, tiers[1:])])
@@ -406,7 +407,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data import load
+    from common.data.datasets import load
 
     args = get_args_parser().parse_args(argv)
     host.keep_freed_memory()  # the allocator setting of the tier processes, for the in-process side too

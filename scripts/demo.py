@@ -13,11 +13,11 @@ from pathlib import Path
 
 from common.cli import positive_int, run
 from common.config import add_config_args, resolve_config
-from common.report import format_summary, write_report
+from common.emulation.report import format_summary, write_report
 from device.client import run_client
-from scripts.launch_local import LocalDeployment
+from common.emulation.deployment import LocalDeployment
 from training.config import TrainConfig
-from training.data import load
+from common.data.datasets import load
 from training.export import export
 from training.train import train
 

@@ -3,7 +3,7 @@
 ``python -m scripts.plan --checkpoint FILE [--data SPEC] --link 10mbit,20ms --profile device=4,edge=2,cloud=1
 --target-drop 1.0 [--out DIR] [--export DIR]``
 
-For every candidate (see ``training.planner``) it predicts the mean and p95 latency of a request of
+For every candidate (see ``training.analysis.planner``) it predicts the mean and p95 latency of a request of
 ``--batch-size`` samples, the bytes each link carries per sample, and accuracy, FLOPs and exits on the evaluation
 data, with thresholds calibrated on the checkpoint's validation split. Prints the ranked table (feasible
 candidates - those whose thresholds keep the accuracy target - by predicted latency), writes ``DIR/plan.json``
@@ -22,22 +22,22 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common import host
+from common.serving import host
 
 host.tune_environment()  # the tiers' settings, before torch loads: measured in process as they will be served
 
 import torch  # noqa: E402
 
 from common.cli import add_data_args, non_negative_float, positive_int, run
-from common.cost_model import parse_profile
+from common.emulation.cost_model import parse_profile
 from common.errors import ConfigError
-from common.gates import POLICY_NAMES
-from common.link import parse_link
-from common.split import TIER_NAMES
-from common.tensor_codecs import COMPRESSIONS, ELEMENT_CODECS
+from common.model.gates import POLICY_NAMES
+from common.wire.link import parse_link
+from common.model.split import TIER_NAMES
+from common.wire.codecs import COMPRESSIONS, ELEMENT_CODECS
 from training import checkpoint
 from training.calibrate import METHODS, to_gates
-from training.planner import Candidate, Settings, export_split, plan, stored_family
+from training.analysis.planner import Candidate, Settings, export_split, plan, stored_family
 from training.risk import BOUNDS
 
 
@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data import load
+    from common.data.datasets import load
 
     args = get_args_parser().parse_args(argv)
     host.keep_freed_memory()  # time the segments with the allocator setting the tiers serve them with

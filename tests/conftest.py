@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.models import ExitHeadSpec, ModelSpec, MultiExitNet  # noqa: E402
+from common.model import ExitHeadSpec, ModelSpec, MultiExitNet  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import load  # noqa: E402
+from common.data.datasets import load  # noqa: E402
 
 
 def tiny_spec(**overrides) -> ModelSpec:
@@ -66,7 +66,7 @@ def test_slice():
 def serve_runtime():
     """Serve ``TierRuntime``s over gRPC on free loopback ports: ``start(runtime, tier)`` -> address; every server
     started is stopped afterwards."""
-    from common.rpc import TierServicer, create_server, set_serving
+    from common.serving.server import TierServicer, create_server
     from proto import splitexit_pb2 as pb
 
     started = []
@@ -74,7 +74,7 @@ def serve_runtime():
     def start(runtime, tier: str = "cloud") -> str:
         server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier=tier)), "127.0.0.1:0")
         server.start()
-        set_serving(health, True)
+        mark_serving(health)
         started.append(server)
         return f"127.0.0.1:{port}"
 
@@ -83,11 +83,19 @@ def serve_runtime():
         server.stop(0).wait()
 
 
+def mark_serving(health_servicer) -> None:
+    """Report SERVING on a test server's health service, as a loaded last tier does."""
+    from common.serving.health import TierHealth
+    from common.serving.server import HEALTH_SERVICES
+
+    TierHealth(health_servicer, HEALTH_SERVICES, has_next=False).update(loaded=True)
+
+
 def infer(address: str, batch, timeout: float = 10.0):
     """One raw ``Infer`` call carrying ``batch`` (float32 link), with a bounded timeout."""
     import grpc
 
-    from common import messages
+    from common.wire import messages
     from proto import splitexit_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as channel:

@@ -5,7 +5,7 @@ from concurrent import futures
 
 import grpc
 
-from common.rpc import grpc_options
+from common.serving.options import grpc_options
 
 INFER = "/splitexit.v1.Tier/Infer"
 

@@ -12,13 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.bundle import export_bundles, find_tier_folders, load_tier_bundle
-from common.gates import ConfidenceGate, ConstantGate
-from common.local import load_local_chain
-from common.models import ExitHeadSpec, ModelSpec, MultiExitNet, backbone_info, list_backbones
-from common.rpc import NextTierClient, TierServicer, create_server, describe_tier, set_serving
-from common.runtime import Batch, TierRuntime
-from common.split import split_model
+from training.export import export_bundles
+from common.model.bundle import find_tier_folders, load_tier_bundle
+from common.model.gates import ConfidenceGate, ConstantGate
+from common.emulation.chain import load_local_chain
+from common.model import ExitHeadSpec, ModelSpec, MultiExitNet, backbone_info, list_backbones
+from common.serving.client import NextTierClient
+from tests.conftest import mark_serving
+from common.serving.server import TierServicer, create_server, describe_tier
+from common.wire.batch import Batch
+from common.serving.runtime import TierRuntime, TierSpec
+from common.model.split import split_model
 from device.client import run_client
 
 NAMES = list_backbones()
@@ -105,7 +109,7 @@ def _serve_in_threads(root: Path, gates: dict, stack: ExitStack) -> str:
     next_address = None
     for folder in reversed(find_tier_folders(root)):
         bundle = load_tier_bundle(folder)
-        spec = bundle.tier_spec()
+        spec = TierSpec.from_manifest(bundle.manifest)
         forward = None
         if next_address is not None:
             forward = NextTierClient(next_address, timeout_s=TIMEOUT)
@@ -115,7 +119,7 @@ def _serve_in_threads(root: Path, gates: dict, stack: ExitStack) -> str:
         server, port, health = create_server(TierServicer(runtime, description), "127.0.0.1:0", max_workers=2)
         server.start()
         stack.callback(lambda s=server: s.stop(None))
-        set_serving(health, True)
+        mark_serving(health)
         next_address = f"127.0.0.1:{port}"
     return next_address
 

@@ -1,14 +1,14 @@
 """Baseline deployments on the tiny bundle: same answers where they must agree, bytes where they must differ."""
 import pytest
 
-from common.baselines import Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime
-from common.bundle import find_tier_folders, load_tier_bundle
+from common.emulation.baselines import Direct, ImageFileOffload, emulated_chain, offload_raw, whole_network_runtime
+from common.model.bundle import find_tier_folders, load_tier_bundle
 from common.errors import ConfigError
-from common.feed import feed_and_report
-from common.gates import ConstantGate
-from common.link import LinkModel
-from common.tensor_codecs import FLOAT32
-from common.cost_model import parse_profile
+from common.emulation.feed import feed_and_report
+from common.model.gates import ConstantGate
+from common.wire.link import LinkModel
+from common.wire.codecs import FLOAT32
+from common.emulation.cost_model import parse_profile
 
 TIERS = ["device", "edge", "cloud"]
 

@@ -7,10 +7,11 @@ import time
 import pytest
 import torch
 
-from common.batching import DynamicBatcher
+from common.serving.batching import DynamicBatcher
 from common.errors import DownstreamError, InvalidRequest
-from common.gates import ConfidenceGate
-from common.runtime import Batch, Hop, TierRuntime
+from common.model.gates import ConfidenceGate
+from common.wire.batch import Batch, Hop
+from common.serving.runtime import TierRuntime
 from tests.test_runtime import FakeNext, ToySegment, spec
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.gates import ConstantGate
-from common.report import RequestRecord, latency_breakdown
-from common.runtime import Answer, Batch, Hop, Prediction, TierRuntime
+from common.model.gates import ConstantGate
+from common.emulation.report import RequestRecord, latency_breakdown
+from common.wire.batch import Answer, Batch, Hop, Prediction
+from common.serving.runtime import TierRuntime
 from tests.test_runtime import spec
 
 

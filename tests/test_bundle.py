@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from common.bundle import export_bundles, find_tier_folders, load_tier_bundle, read_manifest
+from training.export import export_bundles
+from common.model.bundle import find_tier_folders, load_tier_bundle, read_manifest
 from common.errors import ConfigError
-from common.gates import ConfidenceGate, EntropyGate
-from common.split import split_model
+from common.model.gates import ConfidenceGate, EntropyGate
+from common.model.split import split_model
 
 GATES = [ConfidenceGate(0.8), EntropyGate(0.3)]
 
@@ -30,7 +31,10 @@ def test_each_tier_reloads_to_the_same_function(tiny_model, exported):
 
 
 def test_manifests(exported):
-    manifests = [read_manifest(f) for f in find_tier_folders(exported)]
+    typed = [read_manifest(f) for f in find_tier_folders(exported)]
+    assert [m.is_last for m in typed] == [False, False, True]
+    assert typed[1].input_shape == typed[0].output_shape and typed[0].input_dtype == "uint8"
+    manifests = [m.raw for m in typed]
     assert [m["tier"] for m in manifests] == ["device", "edge", "cloud"]
     assert len({m["model_id"] for m in manifests}) == 1
     assert manifests[0]["input"] == {"shape": [3, 32, 32], "dtype": "uint8",
@@ -83,7 +87,7 @@ def test_model_id_changes_with_weights(tiny_model, tmp_path):
     with torch.no_grad():
         tiny_model.backbone.classifier[-1].bias.add_(1.0)
     export_bundles(tiny_model, GATES, tmp_path / "b", ["x"] * 10)
-    ids = [read_manifest(tmp_path / r / "cloud")["model_id"] for r in ("a", "b")]
+    ids = [read_manifest(tmp_path / r / "cloud").model_id for r in ("a", "b")]
     assert ids[0] != ids[1]
 
 
@@ -115,7 +119,7 @@ def test_malformed_manifests_are_config_errors(exported, mutate, words):
 def test_a_learned_bottleneck_travels_on_the_first_link(tmp_path):
     """The device sends the encoded features, the edge decodes them: served segments still equal the model, the
     link carries the bottleneck's shape, and the FLOPs still add up to the whole network's."""
-    from common.models import BottleneckSpec, MultiExitNet
+    from common.model import BottleneckSpec, MultiExitNet
     from tests.conftest import tiny_spec
 
     torch.manual_seed(0)
@@ -127,8 +131,8 @@ def test_a_learned_bottleneck_travels_on_the_first_link(tmp_path):
     export_bundles(model, GATES, tmp_path, [f"c{i}" for i in range(10)])
     bundles = [load_tier_bundle(f) for f in find_tier_folders(tmp_path)]
     first_features = model.backbone.feature_shapes(model.spec.input_shape)[model.spec.exit_points[0] - 1]
-    assert bundles[0].manifest["output_shape"] == [2, first_features[1] // 2, first_features[2] // 2]
-    assert bundles[1].manifest["input"]["shape"] == bundles[0].manifest["output_shape"]
+    assert bundles[0].manifest.output_shape == (2, first_features[1] // 2, first_features[2] // 2)
+    assert bundles[1].manifest.input_shape == bundles[0].manifest.output_shape
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         want = model(x)
@@ -138,4 +142,4 @@ def test_a_learned_bottleneck_travels_on_the_first_link(tmp_path):
             got.append(logits)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     m = [b.manifest for b in bundles]
-    assert sum(t["flops"]["segment"] for t in m) + m[2]["flops"]["head"] == m[0]["flops"]["full_network"]
+    assert sum(t.segment_flops for t in m) + m[2].head_flops == m[0].full_network_flops

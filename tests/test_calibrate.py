@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from common.gates import ConfidenceGate, ConstantGate, EntropyGate, MarginGate
+from common.model.gates import ConfidenceGate, ConstantGate, EntropyGate, MarginGate
 from training.calibrate import calibrate_gates, cascade, coverage_threshold
 
 

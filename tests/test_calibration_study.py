@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from common.bundle import load_tier_bundle
+from common.model.bundle import load_tier_bundle
 from common.errors import ConfigError
-from training import calibrate, calibration_study, checkpoint
+from training import calibrate, checkpoint
+from training.analysis import calibration_study
 from training.export import export
 
 

@@ -69,16 +69,27 @@ def test_unreachable_device_is_one_line():
                     reason="the allocator tuning is for glibc")
 def test_tiers_keep_freed_memory_for_reuse():
     """The tier start-up tuning takes on glibc (in a child process: it changes the allocator for good)."""
-    code = "from common.host import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
+    code = "from common.serving.host import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 1)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
 
 
-def test_tier_processes_set_their_environment_defaults_and_explicit_settings_win():
-    code = ("import os, sys; import common.tier_main; "
-            "print(os.environ['OMP_WAIT_POLICY'], os.environ['THP_MEM_ALLOC_ENABLE'])")
+def test_tier_entry_points_set_environment_defaults_before_torch_and_explicit_settings_win():
+    """The ``python -m TIER`` entry point sets the defaults before torch loads (read after ``--help``, which parses
+    the flags once everything is imported)."""
+    code = ("import atexit, os; "
+            "atexit.register(lambda: print(os.environ['OMP_WAIT_POLICY'], os.environ['THP_MEM_ALLOC_ENABLE'])); "
+            "from device.__main__ import main; main(['--help'])")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60, capture_output=True, text=True)
-    assert out.stdout.split() == ["PASSIVE", "1"]
+    assert out.stdout.split()[-2:] == ["PASSIVE", "1"], out.stderr
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
                          timeout=60, capture_output=True, text=True)
-    assert out.stdout.split() == ["PASSIVE", "0"]
+    assert out.stdout.split()[-2:] == ["PASSIVE", "0"]
+
+
+def test_importing_the_tier_module_changes_no_environment():
+    code = ("import os; import common.serving.tier; "
+            "print('OMP_WAIT_POLICY' in os.environ, 'THP_MEM_ALLOC_ENABLE' in os.environ)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60, capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr

@@ -5,11 +5,11 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from common import codec
+from common.wire import codecs
 from common.errors import ConfigError
-from common.models import build_backbone
-from common.models.convert import convert, load_pretrained, source_state_dict
-from common.models.zoo import TinyResidualNet
+from common.model import build_backbone
+from common.model.convert import convert, load_pretrained, source_state_dict
+from common.model.zoo import TinyResidualNet
 
 RESNET_CUTS = ["maxpool", "layer1", "layer2", "layer3", "layer4"]
 
@@ -77,8 +77,8 @@ def test_a_stage_never_writes_into_the_tensor_it_receives():
     # DenseNet's classifier starts with F.relu(x, inplace=True); tiers hand it read-only wire tensors.
     backbone = build_backbone("densenet121", num_classes=5, width=0.125).eval()
     features = torch.randn(2, *backbone.feature_shapes((3, 32, 32))[-1])
-    msg = codec.encode(features)
-    wire = codec.decode(msg)
+    msg = codecs.encode(features)
+    wire = codecs.decode(msg)
     with torch.no_grad():
         logits = backbone.classifier(wire)
     assert torch.equal(wire, features)  # relu did not write negative values to zero in the request's bytes

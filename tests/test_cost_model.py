@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from common.cost_model import Curve, LinkCost, TierCost, predict_run, reach_counts, reply_bytes, request_cost
-from common.link import LinkModel
+from common.emulation.cost_model import (Curve, LinkCost, TierCost, predict_run, reach_counts, reply_bytes, request_cost)
+from common.wire.link import LinkModel
 
 
 def test_curve_interpolates_and_extends():

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from training.data import load, parse_spec
-from training.synthetic import generate
+from common.data.datasets import load, parse_spec
+from common.data.synthetic import generate
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -143,7 +143,7 @@ def test_mnist_from_local_idx_files(tmp_path):
 def test_imagenette_is_read_at_224_with_the_imagenet_centre_crop(tmp_path):
     from PIL import Image
 
-    from training.data import normalization
+    from common.data.datasets import normalization
 
     for split in ("train", "val"):
         for c in ("tench", "church"):

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from common.errors import DownstreamError
-from common.gates import ConfidenceGate, ConstantGate
-from common.report import RequestRecord, build_report
-from common.rpc import NextTierClient, channel_options, forward_timeout
-from common.runtime import Batch, TierRuntime
+from common.model.gates import ConfidenceGate, ConstantGate
+from common.emulation.report import RequestRecord, build_report
+from common.serving.client import NextTierClient, channel_options, forward_timeout
+from common.wire.batch import Batch
+from common.serving.runtime import TierRuntime
 from proto import splitexit_pb2 as pb
 from tests.conftest import infer
 from tests.test_runtime import ToySegment, batch, spec

@@ -7,17 +7,17 @@ import grpc
 import pytest
 import torch
 
-from common import codec
-from common.bundle import read_manifest
-from common.gates import ConfidenceGate, ConstantGate, Gate
-from common.link import LinkModel
-from common.tensor_codecs import WireCodec, link_args
-from common.report import format_summary
-from common.rpc import wait_for_serving
+from common.wire import codecs
+from common.model.bundle import read_manifest
+from common.model.gates import ConfidenceGate, ConstantGate, Gate
+from common.wire.link import LinkModel
+from common.wire.codecs import WireCodec, link_args
+from common.emulation.report import format_summary
+from common.serving.client import wait_for_serving
 from device.client import run_client
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
-from scripts.launch_local import LocalDeployment
+from common.emulation.deployment import LocalDeployment
 from tests.grpc_tools_for_tests import CountingProxy
 from training import checkpoint
 from training.engine import collect_logits
@@ -89,7 +89,7 @@ def test_lossy_codecs_emulated_links_and_compute_profiles_keep_parity(tiny_bundl
     assert report["prediction_mismatches"] == 0
     assert report["accuracy"] == report["in_process_accuracy"]
     forwarded = report["exits"]["edge"] + report["exits"]["cloud"]
-    float32_bytes = forwarded * 4 * math.prod(read_manifest(tiny_bundle / "edge")["input"]["shape"])
+    float32_bytes = forwarded * 4 * math.prod(read_manifest(tiny_bundle / "edge").input_shape)
     assert 0 < report["bytes"]["device_to_edge"] < float32_bytes / 3.5
     parts = report["latency_breakdown_ms"]
     assert parts["link"]["p50"] >= 5.0 and parts["compute_edge"]["mean"] > 0 and parts["encode"]["mean"] > 0
@@ -131,7 +131,7 @@ def stub_for():
 
 def _request(model_id: str, images: torch.Tensor, ids=None) -> pb.InferRequest:
     ids = list(range(len(images))) if ids is None else ids
-    return pb.InferRequest(request_id="t", model_id=model_id, sample_ids=ids, tensor=codec.encode(images))
+    return pb.InferRequest(request_id="t", model_id=model_id, sample_ids=ids, tensor=codecs.encode(images))
 
 
 def test_bad_requests_get_clear_status_codes_and_the_tier_keeps_serving(deployment, test_slice, stub_for):

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from common.gates import ConstantGate
-from common.rpc import NextTierClient
-from common.runtime import Batch
-from scripts.launch_local import LocalDeployment
+from common.model.gates import ConstantGate
+from common.serving.client import NextTierClient
+from common.wire.batch import Batch
+from common.emulation.deployment import LocalDeployment
 
 REQUESTS = 2000
 KILL_AT, RESTART_AT = 400, 800

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from common.local import evaluate_in_process
-from training import frontier
+from common.emulation.chain import evaluate_in_process
+from training.analysis import frontier
 
 
 def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
@@ -65,7 +65,7 @@ def test_oracles_on_a_known_cascade():
     """Three samples, three exits costing 1, 2, 4 (whole network 4)."""
     import torch
 
-    from training.frontier import Cached, oracles
+    from training.analysis.frontier import Cached, oracles
 
     def onehot(labels):
         return torch.nn.functional.one_hot(torch.tensor(labels), 3).float()

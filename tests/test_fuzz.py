@@ -9,10 +9,11 @@ import grpc
 import pytest
 import torch
 
-from common import codec
-from common.gates import ConfidenceGate
-from common.rpc import TierServicer, create_server, set_serving
-from common.runtime import TierRuntime
+from common.wire import codecs, tensors
+from common.model.gates import ConfidenceGate
+from tests.conftest import mark_serving
+from common.serving.server import TierServicer, create_server
+from common.serving.runtime import TierRuntime
 from proto import splitexit_pb2 as pb
 from tests.test_runtime import FakeNext, ToySegment, spec
 
@@ -28,7 +29,7 @@ def tier():
     server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier="device")), "127.0.0.1:0",
                                          max_workers=4)
     server.start()
-    set_serving(health, True)
+    mark_serving(health)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield channel.unary_unary(INFER)  # raw bytes in and out: the fuzz may send anything
     channel.close()
@@ -38,7 +39,7 @@ def tier():
 def valid(n: int = 3, request_id: str = "ok") -> pb.InferRequest:
     x = torch.tensor([[5.0, 0.0], [-5.0, 1.0], [2.0, 3.0], [-1.0, -1.0]][:n])
     return pb.InferRequest(request_id=request_id, model_id="m1", sample_ids=list(range(7, 7 + n)),
-                           tensor=codec.encode(x))
+                           tensor=codecs.encode(x))
 
 
 def _with(**changes) -> pb.InferRequest:
@@ -113,7 +114,7 @@ def _structured(rng: random.Random) -> pb.InferRequest:
     r = valid(rng.randint(1, 4), request_id=str(rng.randrange(10**6)))
     pick = rng.randrange(8)
     if pick == 0:
-        r.tensor.dtype = rng.choice([*codec.DTYPES, "", "float8", "object", "pickle"])
+        r.tensor.dtype = rng.choice([*tensors.DTYPES, "", "float8", "object", "pickle"])
     elif pick == 1:
         del r.tensor.shape[:]
         r.tensor.shape.extend(rng.choice([-1, 0, 1, 2, 3, 2**31, 2**62]) for _ in range(rng.randint(0, 10)))

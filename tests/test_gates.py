@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.gates import (ConfidenceGate, ConstantGate, EntropyGate, MarginGate, format_gate, gate_from_dict,
-                          gate_to_dict, parse_gate, softmax_stats)
+from common.model.gates import (ConfidenceGate, ConstantGate, EntropyGate, MarginGate, format_gate, gate_from_dict, gate_to_dict, parse_gate, softmax_stats)
 
 # Row 0: confident; row 1: uniform; row 2: two-way tie.
 LOGITS = torch.tensor([[10.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [5.0, 5.0, -20.0, -20.0]])

@@ -6,10 +6,11 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.gates import ConstantGate
-from common.health import NextTierWatcher, TierHealth
-from common.rpc import HEALTH_SERVICES, TierServicer, create_server, set_serving
-from common.runtime import TierRuntime
+from common.model.gates import ConstantGate
+from common.serving.health import NextTierWatcher, TierHealth
+from tests.conftest import mark_serving
+from common.serving.server import HEALTH_SERVICES, TierServicer, create_server
+from common.serving.runtime import TierRuntime
 from proto import splitexit_pb2 as pb
 from tests.test_runtime import ToySegment, spec
 
@@ -50,7 +51,7 @@ def _start_cloud(address: str):
     runtime = TierRuntime(spec(tier="cloud", is_last=True), ToySegment(), ConstantGate(True))
     server, port, hs = create_server(TierServicer(runtime, pb.TierDescription(tier="cloud")), address)
     server.start()
-    set_serving(hs, True)
+    mark_serving(hs)
     return server, port
 
 

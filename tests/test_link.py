@@ -2,7 +2,7 @@
 import pytest
 
 from common.errors import ConfigError
-from common.link import LinkModel, parse_link
+from common.wire.link import LinkModel, parse_link
 
 
 def test_delay_is_rtt_plus_bytes_over_rate():

@@ -7,11 +7,12 @@ import urllib.request
 
 import grpc
 
-from common import messages
-from common.gates import ConfidenceGate
-from common.metrics import JsonFormatter, TierMetrics
-from common.rpc import TierServicer, create_server, set_serving
-from common.runtime import TierRuntime
+from common.wire import messages
+from common.model.gates import ConfidenceGate
+from common.serving.metrics import JsonFormatter, TierMetrics
+from tests.conftest import mark_serving
+from common.serving.server import TierServicer, create_server
+from common.serving.runtime import TierRuntime
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 from tests.test_deadlines import Failing
@@ -23,7 +24,7 @@ def test_metrics_count_requests_samples_bytes_and_errors():
     runtime = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), Failing("UNAVAILABLE"))
     server, port, health = create_server(TierServicer(runtime, pb.TierDescription(), metrics), "127.0.0.1:0")
     server.start()
-    set_serving(health, True)
+    mark_serving(health)
     http = metrics.serve(0)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

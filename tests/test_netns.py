@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from common.rpc import wait_for_serving
-from common.tier_main import PARENT_PID_ENV
+from common.serving.client import wait_for_serving
+from common.serving.host import PARENT_PID_ENV
 from tests.conftest import ROOT
 
 TIMEOUT = 60

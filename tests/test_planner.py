@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from common.link import LinkModel
-from common.local import evaluate_in_process
+from common.wire.link import LinkModel
+from common.emulation.chain import evaluate_in_process
 from training import checkpoint
-from training.data import load
-from training.planner import Settings, exit_pairs, plan, sub_model
+from common.data.datasets import load
+from training.analysis.planner import Settings, exit_pairs, plan, sub_model
 from scripts.plan import export_choice, main as plan_main
 
 
@@ -50,7 +50,7 @@ def test_served_export_uses_the_chosen_codecs(slow_link_plan, planned, tmp_path)
     """Three tier processes started on the exported bundles without --codec send int8, as planned: the bytes on
     each link are the predicted ones and the answers those of the in-process chain."""
     from device.client import run_client
-    from scripts.launch_local import LocalDeployment
+    from common.emulation.deployment import LocalDeployment
 
     model, meta, _, test = planned
     best = slow_link_plan["candidates"][slow_link_plan["chosen"]]

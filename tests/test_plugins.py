@@ -36,7 +36,7 @@ def plugin_bundle(tmp_path_factory):
 
 def test_tiers_import_the_plugin_given_to_the_launcher(plugin_bundle, test_slice):
     from device.client import run_client
-    from scripts.launch_local import LocalDeployment
+    from common.emulation.deployment import LocalDeployment
 
     bundle, env = plugin_bundle
     with pytest.MonkeyPatch.context() as mp:

@@ -6,7 +6,7 @@ import torch
 
 from common.errors import ConfigError
 
-from common.gates import LearnedGate, gate_from_dict, gate_to_dict
+from common.model.gates import LearnedGate, gate_from_dict, gate_to_dict
 from training.calibrate import calibrate_policy, cascade, policy_family
 from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import messages
+from common.wire import messages
 from common.errors import DownstreamError
-from common.gates import ConstantGate
-from common.rpc import NextTierClient, TierServicer, create_server, grpc_options, message_limit, wait_for_serving
-from common.runtime import Batch, TierRuntime
+from common.model.gates import ConstantGate
+from common.serving.client import NextTierClient, wait_for_serving
+from common.serving.server import TierServicer, create_server
+from common.serving.options import grpc_options, message_limit
+from common.wire.batch import Batch
+from common.serving.runtime import TierRuntime
 from proto import splitexit_pb2 as pb
 from tests.conftest import infer
 from tests.test_runtime import ToySegment, spec

@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from common.errors import DownstreamError, InvalidRequest, PreconditionFailed
-from common.gates import ConfidenceGate, ConstantGate
-from common.runtime import Answer, Batch, Forwarded, Prediction, TierRuntime, TierSpec, all_finite
+from common.model.gates import ConfidenceGate, ConstantGate
+from common.wire.batch import Answer, Batch, Prediction
+from common.serving.runtime import Forwarded, TierRuntime, TierSpec, all_finite
 
 
 class ToySegment(nn.Module):

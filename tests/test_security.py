@@ -9,11 +9,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import messages
-from common.gates import ConstantGate
-from common.rpc import NextTierClient, TierServicer, create_server, open_channel, set_serving
-from common.runtime import TierRuntime
-from common.security import Security
+from common.wire import messages
+from common.model.gates import ConstantGate
+from common.serving.client import NextTierClient, open_channel
+from tests.conftest import mark_serving
+from common.serving.server import TierServicer, create_server
+from common.serving.runtime import TierRuntime
+from common.serving.security import Security
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
@@ -43,7 +45,7 @@ def tiers(pki):
         server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier=tier)), "127.0.0.1:0",
                                              security=pki["server"])
         server.start()
-        set_serving(health, True)
+        mark_serving(health)
         started.append(server)
         return f"127.0.0.1:{port}"
 
@@ -100,7 +102,7 @@ def test_half_a_key_pair_is_a_one_line_error(pki):
 
 def test_three_tier_processes_over_mutual_tls_with_a_token(tiny_bundle, test_slice, pki, tmp_path):
     from device.client import run_client
-    from scripts.launch_local import LocalDeployment
+    from common.emulation.deployment import LocalDeployment
 
     folder = pki["folder"]
     token_file = tmp_path / "token"

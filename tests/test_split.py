@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from common.models import ModelSpec, MultiExitNet, build_backbone, list_backbones, register_backbone
-from common.split import plan_segments, split_model
+from common.model import ModelSpec, MultiExitNet, build_backbone, list_backbones, register_backbone
+from common.model.split import plan_segments, split_model
 from tests.conftest import tiny_spec
 
 

@@ -4,11 +4,11 @@ import zlib
 import pytest
 import torch
 
-from common import codec, messages, tensor_codecs
-from common.codec import TensorLimits
+from common.wire import codecs, messages
+from common.wire.tensors import TensorLimits
 from common.errors import ConfigError, InvalidRequest
-from common.runtime import Batch
-from common.tensor_codecs import WireCodec, parse_wire_codec
+from common.wire.batch import Batch
+from common.wire.codecs import WireCodec, parse_wire_codec
 from proto import splitexit_pb2 as pb
 
 
@@ -19,8 +19,8 @@ def features(n=4, c=6, hw=5) -> torch.Tensor:
 
 
 def wire_round_trip(x, wire):
-    msg = tensor_codecs.encode(x, wire)
-    return msg, codec.decode(pb.Tensor.FromString(msg.SerializeToString()))
+    msg = codecs.encode(x, wire)
+    return msg, codecs.decode(pb.Tensor.FromString(msg.SerializeToString()))
 
 
 @pytest.mark.parametrize("compression", ["", "zlib"])
@@ -86,7 +86,7 @@ def test_requests_serialized_with_one_copy_parse_as_the_plain_message(tensor, wi
     batch = Batch("r-1", "m", list(range(10, 10 + tensor.shape[0])), tensor, queued_s=0.25)
     payload = messages.encode_request(batch, wire)
     plain = pb.InferRequest(request_id="r-1", model_id="m", sample_ids=batch.sample_ids, queued_ms=250.0,
-                            tensor=tensor_codecs.encode(tensor, wire))
+                            tensor=codecs.encode(tensor, wire))
     received = messages.Received.parse(payload)
     assert received.message == plain and received.nbytes == len(payload)
     assert plain.ByteSize() <= len(payload) <= plain.ByteSize() + 8  # one more tag and length, nothing else
@@ -97,7 +97,7 @@ def test_requests_serialized_with_one_copy_parse_as_the_plain_message(tensor, wi
 
 
 def int8_msg():
-    return tensor_codecs.encode(features(), WireCodec("int8"))
+    return codecs.encode(features(), WireCodec("int8"))
 
 
 @pytest.mark.parametrize("mutate, words", [
@@ -115,25 +115,25 @@ def test_malformed_int8_is_refused(mutate, words):
     msg = int8_msg()
     mutate(msg)
     with pytest.raises(InvalidRequest, match=words):
-        codec.decode(msg)
+        codecs.decode(msg)
 
 
 def test_compressed_payloads_are_bounded():
     x = torch.zeros(4, 8)
-    msg = tensor_codecs.encode(x, WireCodec("float32", "zlib"))
+    msg = codecs.encode(x, WireCodec("float32", "zlib"))
     bomb = pb.Tensor(dtype="float32", shape=[4, 8], codec="raw", compression="zlib",
                      data=zlib.compress(bytes(10 << 20)))  # 10 MiB of zeros declared as 128 bytes
     with pytest.raises(InvalidRequest, match="more than the 128 bytes"):
-        codec.decode(bomb)
+        codecs.decode(bomb)
     short = pb.Tensor(dtype="float32", shape=[4, 8], compression="zlib", data=zlib.compress(bytes(100)))
     with pytest.raises(InvalidRequest, match="inflates to 100 bytes"):
-        codec.decode(short)
+        codecs.decode(short)
     corrupt = pb.Tensor(dtype="float32", shape=[4, 8], compression="zlib", data=b"not zlib at all")
     with pytest.raises(InvalidRequest, match="corrupt"):
-        codec.decode(corrupt)
+        codecs.decode(corrupt)
     huge = pb.Tensor(dtype="float32", shape=[1 << 20, 1 << 7], compression="zlib", data=msg.data)
     with pytest.raises(InvalidRequest, match="decompress to"):
-        codec.decode(huge, TensorLimits(max_decoded_bytes=1 << 20))
+        codecs.decode(huge, TensorLimits(max_decoded_bytes=1 << 20))
 
 
 def test_float16_overflow_is_clamped_not_infinite():

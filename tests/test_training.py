@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from common.gates import gate_from_dict
+from common.model.gates import gate_from_dict
 from training import checkpoint
 from training.calibrate import cascade
 from training.config import TrainConfig
@@ -35,7 +35,7 @@ def test_staged_mode_trains_exits_on_a_frozen_backbone(tmp_path):
 
     # Re-run stage 2 by hand from the stage-1 state: the backbone (BatchNorm statistics included) must not move.
     from training.train import _fit, build_model
-    from training.data import load
+    from common.data.datasets import load
 
     data = load("synthetic", "train", limit=256)
     model = build_model(cfg, 10, (3, 32, 32))

@@ -25,8 +25,7 @@ from torch import Tensor
 
 from common.cli import run
 from common.errors import ConfigError
-from common.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats,
-                          threshold_gate)
+from common.model.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats, threshold_gate)
 from training.config import check_targets
 from training.risk import BOUNDS, fixed_sequence, pvalue
 
@@ -80,10 +79,10 @@ def policy_family(policy: str, templates: list[Gate] | None = None, num_early: i
 
 
 def bundle_families(bundles: list) -> dict[str, list[Thresholdable]]:
-    """Every policy the loaded tier bundles (``common.bundle.TierBundle``, in order) can threshold: the statistic
+    """Every policy the loaded tier bundles (``common.model.bundle.TierBundle``, in order) can threshold: the statistic
     gates, and the learned ``mlp`` / ``cost`` gates the early tiers all store."""
     early = bundles[:-1]
-    stored = set.intersection(*(set(b.manifest.get("policies") or {}) for b in early))
+    stored = set.intersection(*(set(b.manifest.policies) for b in early))
     families = {kind: policy_family(kind, num_early=len(early)) for kind in THRESHOLD_GATES}
     for kind in ("mlp", "cost"):
         if kind in stored:
@@ -393,10 +392,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Re-calibrate every policy of a checkpoint (learned gates are kept, only thresholds move) and save it."""
-    from common.gates import gate_from_dict
+    from common.model.gates import gate_from_dict
     from training import checkpoint
     from training.config import TrainConfig
-    from training.data import load
+    from common.data.datasets import load
     from training.train import fit_and_calibrate
 
     args = get_args_parser().parse_args(argv)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import ConfigError
-from common.models import ModelSpec, MultiExitNet
+from common.model import ModelSpec, MultiExitNet
 
 META_KEY = "splitexit"
 

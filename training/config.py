@@ -82,7 +82,7 @@ class TrainConfig:
     bound: str = field(default="wsr", metadata={"help": "ltt: concentration bound, wsr, hb or binomial"})
 
     def __post_init__(self) -> None:
-        from common.models import backbone_info
+        from common.model import backbone_info
         from common.plugins import use_plugins
 
         use_plugins(self.plugin)  # before the architecture is looked up: a plugin may register it

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.data import ImageSet
+from common.data.datasets import ImageSet
 
 
 def batches(data: ImageSet, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):

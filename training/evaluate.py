@@ -8,9 +8,9 @@ import argparse
 from pathlib import Path
 
 from common.cli import add_run_args, emit_report, run, tier_gates
-from common.local import evaluate_in_process
+from common.emulation.chain import evaluate_in_process
 from common.plugins import use_plugins
-from training.data import load
+from common.data.datasets import load
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -3,18 +3,116 @@
 ``python -m training.export --checkpoint FILE --out DIR [--gate SPEC ...]`` writes ``DIR/device``, ``DIR/edge`` and
 ``DIR/cloud``, each with ``manifest.json`` and only that tier's weights. Gates are the checkpoint's calibrated ones
 unless overridden (one ``--gate`` per early exit, e.g. ``--gate confidence:0.9 --gate entropy:0.3``).
+``export_bundles`` is the one writer of the bundle format that ``common.model.bundle`` reads.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from common.bundle import export_bundles
+import hashlib
+import json
+
+import torch
+from safetensors.torch import save_file
+
 from common.cli import run
 from common.errors import ConfigError
-from common.gates import gate_from_dict, parse_gate
+from common.model import ModelSpec, MultiExitNet
+from common.model.bundle import FORMAT, MANIFEST, WEIGHTS, sha256_file
+from common.model.flops import count_flops
+from common.model.gates import Gate, gate_from_dict, gate_to_dict, parse_gate
+from common.model.split import TIER_NAMES, SegmentPlan, build_segment, plan_segments, segment_flops
 from common.plugins import add_plugin_arg, use_plugins
+from common.wire.codecs import WireCodec, wire_to_dict
 from training import checkpoint
+
+
+def _plan_dict(plan: SegmentPlan, spec: ModelSpec) -> dict:
+    return {
+        "start": plan.start, "end": plan.end, "stages": list(plan.stage_names), "exit_index": plan.exit_index,
+        "exit_head": "final" if plan.is_last else spec.exit_head.to_dict(),
+    }
+
+
+def export_bundles(
+    model: MultiExitNet, gates: list[Gate], out: Path, class_names: list[str], tiers: tuple[str, ...] = TIER_NAMES,
+    policies: dict[str, list[Gate]] | None = None, active: str | None = None,
+    calibration: dict[str, dict] | None = None, wires: list[WireCodec] | None = None,
+) -> list[Path]:
+    """Write one bundle folder per tier under ``out``; ``gates[i]`` guards tier i's exit (the last is ignored).
+
+    ``policies`` (name -> one gate per early exit) are stored too, so a tier can switch policy at start-up
+    (``--policy NAME``) without retraining; ``active`` names the policy ``gates`` came from. ``calibration``
+    (policy name -> how its thresholds were chosen: method, objective, target, delta, ...) goes with the early tiers.
+    ``wires[i]`` is the codec tier i's outgoing link uses by default (a planner's choice; float32 if not given).
+    """
+    spec = model.spec
+    plans = plan_segments(spec, model.backbone.stage_names, tiers)
+    policies = policies or {}
+    if wires is not None and len(wires) != len(plans) - 1:
+        raise ConfigError(f"need one link codec for each of the {len(plans) - 1} links, got {len(wires)}")
+    for name, gs in {"gates": gates, **policies}.items():
+        if len(gs) != len(plans) - 1:
+            raise ConfigError(f"{name}: need one gate for each of the {len(plans) - 1} early exits, got {len(gs)}")
+    model = model.eval()
+    x = torch.zeros((1, *spec.input_shape), dtype=torch.uint8)
+    # Counted on the whole network, independently of the split: the per-tier figures must add up to it (tested).
+    full_flops = count_flops(_Backbone(model), x)
+    parts = []  # (plan, segment, example input, stage FLOPs, head FLOPs, output shape)
+    for plan, (stage_flops, head_flops) in zip(plans, segment_flops(model, tiers)):
+        segment = build_segment(model, plan).eval()
+        with torch.no_grad():
+            features, _ = segment(x)
+        parts.append((plan, segment, x, stage_flops, head_flops, tuple(features.shape[1:])))
+        x = features
+    digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    folders = []
+    for plan, segment, *_ in parts:
+        folder = out / plan.tier
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().clone() for k, v in segment.state_dict().items()}, str(folder / WEIGHTS))
+        digest.update(sha256_file(folder / WEIGHTS).encode())
+        folders.append(folder)
+    model_id = f"{spec.architecture}-{digest.hexdigest()[:16]}"
+    for (plan, _, x_in, seg_flops, head_flops, out_shape), folder in zip(parts, folders):
+        gate = gate_from_dict({"kind": "always"}) if plan.is_last else gates[plan.index]
+        manifest = {
+            "format": FORMAT,
+            "model_id": model_id,
+            "tier": plan.tier,
+            "tier_index": plan.index,
+            "tiers": list(tiers),
+            "model": spec.to_dict(),
+            "segment": _plan_dict(plan, spec),
+            "gate": gate_to_dict(gate),
+            "policy": active if not plan.is_last else "final",
+            "policies": {} if plan.is_last else {n: gate_to_dict(gs[plan.index]) for n, gs in policies.items()},
+            "calibration": {} if plan.is_last else dict(calibration or {}),
+            "link": None if plan.is_last or wires is None else wire_to_dict(wires[plan.index]),
+            "input": {
+                "shape": list(x_in.shape[1:]),
+                "dtype": str(x_in.dtype).removeprefix("torch."),
+                "normalization": {"mean": list(spec.mean), "std": list(spec.std)} if plan.index == 0 else None,
+            },
+            "output_shape": list(out_shape),
+            "class_names": list(class_names),
+            "flops": {"segment": seg_flops, "head": head_flops, "full_network": full_flops},
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(folder / WEIGHTS)},
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folders
+
+
+class _Backbone(torch.nn.Module):
+    """The whole network without exit heads: what ``full_network`` FLOPs count."""
+
+    def __init__(self, model: MultiExitNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.final_logits(images)
 
 
 def export(checkpoint_path: Path, out: Path, gate_specs: list[str] | None = None) -> list[Path]:

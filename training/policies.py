@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.gates import GateMLP, LearnedGate, gate_features, gate_to_dict
+from common.model.gates import GateMLP, LearnedGate, gate_features, gate_to_dict
 from training.calibrate import POLICIES, ExitScores, Objective, calibrate_scores, cascade, policy_family, to_gates
 
 

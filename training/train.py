@@ -22,12 +22,12 @@ from torch import nn
 
 from common.cli import run
 from common.config import add_config_args, resolve_config, save_config
-from common.models import BottleneckSpec, ExitHeadSpec, ModelSpec, MultiExitNet
-from common.models.convert import load_pretrained
-from common.split import cost_table
+from common.model import BottleneckSpec, ExitHeadSpec, ModelSpec, MultiExitNet
+from common.model.convert import load_pretrained
+from common.model.split import cost_table
 from training import checkpoint
 from training.config import TrainConfig
-from training.data import ImageSet, load, normalization, parse_spec
+from common.data.datasets import ImageSet, load, normalization, parse_spec
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
 from training.policies import build_policies
 

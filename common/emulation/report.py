@@ -1,0 +1,180 @@
+"""Turn the answers of a run (distributed or in process) into the report users read.
+
+Pure functions over ``Answer``s: what each tier answered and how well, the bytes that crossed each link, the FLOPs
+spent against the whole network's, latency percentiles and throughput.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.wire.batch import Answer
+
+
+@dataclass
+class RequestRecord:
+    """One request of a run: the answer, its round-trip latency and the serialized size of the request."""
+
+    answer: Answer
+    latency_ms: float
+    request_bytes: int
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    q = np.percentile(np.asarray(values, dtype=np.float64), [50, 95, 99])
+    return {"p50": round(float(q[0]), 3), "p95": round(float(q[1]), 3), "p99": round(float(q[2]), 3)}
+
+
+def build_report(
+    records: list[RequestRecord],
+    labels: dict[int, int],
+    tiers: list[str],
+    full_network_flops: float,
+    wall_s: float,
+) -> dict:
+    """The report of a run over ``records``; ``labels`` maps sample id to true label."""
+    predictions = [p for r in records for p in r.answer.predictions]
+    n = len(predictions)
+    correct = [p.label == labels[p.sample_id] for p in predictions]
+    exits = {t: 0 for t in tiers}
+    exit_correct = {t: 0 for t in tiers}
+    for p, ok in zip(predictions, correct):
+        exits[p.exit_tier] = exits.get(p.exit_tier, 0) + 1
+        exit_correct[p.exit_tier] = exit_correct.get(p.exit_tier, 0) + int(ok)
+    links = {f"{a}_to_{b}": 0 for a, b in zip(tiers, tiers[1:])}
+    compute_ms = {t: 0.0 for t in tiers}
+    total_flops = 0.0
+    for r in records:
+        for hop in r.answer.trace:
+            total_flops += hop.flops
+            compute_ms[hop.tier] = compute_ms.get(hop.tier, 0.0) + hop.compute_ms
+            if hop.bytes_sent:
+                nxt = tiers[tiers.index(hop.tier) + 1]
+                links[f"{hop.tier}_to_{nxt}"] += hop.bytes_sent
+    raw = sum(r.request_bytes for r in records)
+    mean_flops = total_flops / n if n else 0.0
+    latencies = [r.latency_ms for r in records]
+    return {
+        "samples": n,
+        "requests": len(records),
+        "accuracy": sum(correct) / n if n else None,
+        "in_process_accuracy": None,
+        "prediction_mismatches": None,
+        "exits": exits,
+        "exit_fraction": {t: exits[t] / n if n else 0.0 for t in exits},
+        "exit_accuracy": {t: (exit_correct[t] / exits[t] if exits[t] else None) for t in exits},
+        "degraded": sum(1 for p in predictions if p.degraded),
+        "bytes": {**links, "raw_input_offload": raw},
+        "bytes_per_sample": {**{k: v / n if n else 0.0 for k, v in links.items()}, "raw_input_offload": raw / n if n else 0.0},
+        "flops": {
+            "full_network_per_sample": full_network_flops,
+            "mean_per_sample": mean_flops,
+            "saved_fraction": 1.0 - mean_flops / full_network_flops if full_network_flops else None,
+        },
+        "compute_ms": {t: round(v, 3) for t, v in compute_ms.items()},
+        "latency_ms": _percentiles(latencies),
+        "latency_breakdown_ms": latency_breakdown(records, tiers),
+        "throughput_samples_per_s": n / wall_s if wall_s > 0 else None,
+    }
+
+
+def latency_breakdown(records: list[RequestRecord], tiers: list[str]) -> dict[str, dict[str, float | None]]:
+    """Where each sample's latency went: mean and p50/p95/p99 over samples of each component.
+
+    A sample waits for its whole request, so it carries its request's figures. ``compute_<tier>`` is that tier's
+    segment + head + gate time (stretched by ``--compute-scale``), ``encode`` / ``decode`` the link codecs on both
+    sides of every link, ``link`` the emulated link delay, and ``queueing`` the rest of the round trip: time in
+    gRPC queues and transport, reply (de)serialisation and merging. The components add up to ``total``.
+    """
+    rows: dict[str, list[float]] = {k: [] for k in
+                                    ["total", *(f"compute_{t}" for t in tiers), "encode", "decode", "link", "queueing"]}
+    for r in records:
+        parts = {f"compute_{t}": 0.0 for t in tiers} | {"encode": 0.0, "decode": 0.0, "link": 0.0}
+        for hop in r.answer.trace:
+            key = f"compute_{hop.tier}"
+            parts[key] = parts.get(key, 0.0) + hop.compute_ms
+            parts["encode"] += hop.encode_ms
+            parts["decode"] += hop.decode_ms
+            parts["link"] += hop.link_ms
+        parts["queueing"] = max(0.0, r.latency_ms - sum(parts.values()))
+        parts["total"] = r.latency_ms
+        for key, value in parts.items():
+            rows.setdefault(key, []).extend([value] * len(r.answer.predictions))
+    out = {}
+    for key, values in rows.items():
+        stats = _percentiles(values)
+        out[key] = {"mean": round(float(np.mean(values)), 3) if values else None, **stats}
+    return out
+
+
+def predictions_by_id(records: list[RequestRecord]) -> dict[int, tuple[int, str]]:
+    """``sample id -> (label, exit tier)`` over a run."""
+    return {p.sample_id: (p.label, p.exit_tier) for r in records for p in r.answer.predictions}
+
+
+def compare(report: dict, records: list[RequestRecord], reference: list[RequestRecord], ref_report: dict) -> dict:
+    """Fill ``in_process_accuracy`` and ``prediction_mismatches`` (label or exit tier differs) from a reference run."""
+    ours, theirs = predictions_by_id(records), predictions_by_id(reference)
+    report["in_process_accuracy"] = ref_report["accuracy"]
+    report["prediction_mismatches"] = sum(1 for i, v in ours.items() if theirs.get(i) != v) + len(set(theirs) - set(ours))
+    return report
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def describe_calibration(cal: dict) -> str:
+    """One line on the policy a run served and how its thresholds were chosen (method, objective, target, delta)."""
+    text = cal.get("policy") or "unknown"
+    method = cal.get("method")
+    if method == "ltt":
+        text += (f", thresholds certified by Learn-then-Test: {cal.get('objective')} {cal.get('target')} with "
+                 f"probability >= {1 - cal['delta']:.2f} ({cal.get('bound')} bound, {cal.get('samples')} samples)")
+    elif method == "naive":
+        text += f", thresholds searched on validation data: {cal.get('objective')} {cal.get('target')} (no guarantee)"
+    elif method == "alpha":
+        text += f", trained trade-off alpha={cal.get('target')}"
+    return text
+
+
+def format_summary(report: dict) -> str:
+    """A few readable lines for the terminal (``n/a`` where a figure does not exist, e.g. an empty run)."""
+    n = report["samples"]
+    first = f"samples {n}   accuracy {_fmt(report['accuracy'], '.4f')}"
+    if report["in_process_accuracy"] is not None:
+        first += (f"   in-process {_fmt(report['in_process_accuracy'], '.4f')}"
+                  f"   mismatches {report['prediction_mismatches']}")
+    lines = [first]
+    for t, k in report["exits"].items():
+        lines.append(f"  {t:>6}: answered {k:6d} ({_fmt(k / n if n else None, '6.1%')})   "
+                     f"accuracy {_fmt(report['exit_accuracy'][t], '.4f')}")
+    if report.get("degraded"):
+        lines.append(f"  degraded answers (next tier unreachable or out of time): {report['degraded']}")
+    lines.append("  bytes/sample: " + "   ".join(f"{k} {v:,.0f}" for k, v in report["bytes_per_sample"].items()))
+    f = report["flops"]
+    lines.append(f"  FLOPs/sample: {f['mean_per_sample'] / 1e6:.2f} M of {f['full_network_per_sample'] / 1e6:.2f} M "
+                 f"(saved {_fmt(f['saved_fraction'], '.1%')})")
+    cal = report.get("calibration")
+    if cal:
+        lines.append("  exit policy: " + describe_calibration(cal))
+    lat = report["latency_ms"]
+    lines.append(f"  latency per request ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}   "
+                 f"throughput {_fmt(report['throughput_samples_per_s'], '.1f')} samples/s")
+    parts = report.get("latency_breakdown_ms") or {}
+    if parts.get("total", {}).get("mean") is not None:
+        lines.append("  latency per sample, mean ms: " + "  ".join(
+            f"{k} {v['mean']:.1f}" for k, v in parts.items() if k != "total" and v["mean"]))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write ``report`` as indented JSON, creating the folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

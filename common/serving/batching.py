@@ -1,0 +1,196 @@
+"""Dynamic batching: concurrent requests to a tier are coalesced into one batch and split apart again.
+
+``DynamicBatcher`` offers the runtime's ``process(batch, bytes_received)`` and sits between the servicer and a
+``TierRuntime``. Each request is validated on its own (one bad request never fails its neighbours), queued, and a
+worker takes the oldest request plus whatever else is queued or arrives within ``max_delay_s`` of taking it, up to
+``max_batch`` samples. Time the samples already spent in earlier tiers' batchers (``Batch.queued_s``, on the wire
+``queued_ms``) shortens that window: a chain of batching tiers holds a sample for one delay, not one per tier. The
+merged batch gets fresh sample ids 0..N-1 (callers' ids may collide), runs once through the runtime - and so crosses
+each link as one request - and every caller receives exactly its own predictions, under its own ids, with its share
+of the trace. Up to ``workers`` merged batches are in flight at once, so one waiting on the next tier does not stall
+the next one's compute. A worker collecting a batch is woken only when the batch can be completed or its wait is
+over, not by every arrival. No gRPC here.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from common.wire.batch import Answer, Batch
+from common.serving.runtime import TierRuntime
+
+
+@dataclass
+class _Pending:
+    batch: Batch
+    bytes_received: int
+    arrived: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Answer | None = None
+    error: BaseException | None = None
+
+
+def split_answer(answer: Answer, parts: list[tuple[Batch, int]], offsets: list[int]) -> list[Answer]:
+    """Cut the answer of a merged batch into one answer per original request.
+
+    ``parts`` are the original (batch, bytes received) pairs, ``offsets`` the first merged id of each. A caller's
+    trace keeps the hops its samples reached; counts are its own, and the divisible costs (compute time, FLOPs,
+    bytes) are its share by samples. ``forward_ms`` is wall time and stays whole.
+    """
+    tiers = [h.tier for h in answer.trace]
+    out = []
+    for (batch, size), first in zip(parts, offsets):
+        preds = answer.predictions[first:first + len(batch.sample_ids)]
+        # Hop index each sample was answered at (an exit tier missing from the trace: beyond every hop listed).
+        depth = [tiers.index(p.exit_tier) if p.exit_tier in tiers else len(tiers) for p in preds]
+        trace = []
+        for j, hop in enumerate(answer.trace):
+            reached = sum(1 for d in depth if d >= j)
+            if reached == 0:
+                break
+            share = reached / hop.samples_in if hop.samples_in else 0.0
+            onward = sum(1 for d in depth if d > j)
+            next_in = answer.trace[j + 1].samples_in if j + 1 < len(answer.trace) else 0
+            here = [p for p, d in zip(preds, depth) if d == j]
+            trace.append(replace(  # times of the shared request itself (forwarding, codecs, link) stay whole
+                hop, samples_in=reached, samples_exited=sum(1 for p in here if not p.degraded),
+                compute_ms=hop.compute_ms * share,
+                bytes_received=size if j == 0 else round(hop.bytes_received * share),
+                bytes_sent=round(hop.bytes_sent * onward / next_in) if next_in else 0,
+                flops=hop.flops * share, samples_degraded=sum(1 for p in here if p.degraded),
+            ))
+        ids = batch.sample_ids
+        out.append(Answer(batch.request_id, [replace(p, sample_id=ids[i]) for i, p in enumerate(preds)], trace))
+    return out
+
+
+class DynamicBatcher:
+    """Coalesce concurrent ``process`` calls into batches of at most ``max_batch`` samples (see module docstring)."""
+
+    def __init__(self, runtime: TierRuntime, max_batch: int, max_delay_s: float, workers: int = 2,
+                 on_batch=None) -> None:
+        self.runtime = runtime
+        self.on_batch = on_batch  # called with the sample count of every batch run (metrics)
+        self.spec = runtime.spec
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._queue: deque[_Pending] = deque()
+        self._queued_samples = 0
+        # Samples the collecting worker still needs to fill its batch (inf: it is not waiting for more); an arrival
+        # wakes it only when they are there, or when it waits for a first request (0).
+        self._wanted = math.inf
+        self._cv = threading.Condition()
+        self._collect = threading.Lock()  # one worker gathers a batch at a time; others may be computing
+        self._closed = False
+        self.batch_sizes: Counter[int] = Counter()  # samples per batch run -> how often (bounded by max_batch)
+        self._threads = [threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def validate(self, batch: Batch) -> None:
+        self.runtime.validate(batch)
+
+    def process(self, batch: Batch, bytes_received: int = 0) -> Answer:
+        """Answer ``batch`` (blocking), possibly as part of a larger batch."""
+        self.runtime.validate(batch)
+        pending = _Pending(batch, bytes_received)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.append(pending)
+            self._queued_samples += len(batch.sample_ids)
+            if self._queued_samples >= self._wanted:
+                self._cv.notify()  # only the collecting worker waits on the condition (see _gather)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.answer
+
+    def _gather(self) -> list[_Pending] | None:
+        # One worker collects at a time (``_collect``), so it is the only thread waiting on ``_cv``.
+        with self._collect, self._cv:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._wanted = 0
+                self._cv.wait()
+            group = [self._take()]
+            n = len(group[0].batch.sample_ids)
+            # The window opens now, shortened by what the samples already waited in earlier tiers' batchers.
+            until = time.monotonic() + self.max_delay_s - group[0].batch.queued_s
+            while n < self.max_batch:
+                if self._queue:
+                    if n + len(self._queue[0].batch.sample_ids) > self.max_batch:
+                        break
+                    group.append(self._take())
+                    n += len(group[-1].batch.sample_ids)
+                    until = min(until, time.monotonic() + self.max_delay_s - group[-1].batch.queued_s)
+                    continue
+                left = until - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._wanted = self.max_batch - n
+                self._cv.wait(left)
+            self._wanted = math.inf
+            return group
+
+    def _take(self) -> _Pending:
+        p = self._queue.popleft()
+        self._queued_samples -= len(p.batch.sample_ids)
+        return p
+
+    def _work(self) -> None:
+        while (group := self._gather()) is not None:
+            self._run(group)
+
+    def _run(self, group: list[_Pending]) -> None:
+        # The longest any sample of the batch has waited in batchers so far, this one included: the next tier's
+        # batcher counts it against its own window.
+        queued = time.monotonic() - min(p.arrived - p.batch.queued_s for p in group)
+        try:
+            if len(group) == 1:
+                p = group[0]
+                p.batch.queued_s = queued
+                p.answer = self.runtime.run_validated(p.batch, p.bytes_received)  # validated on arrival
+                self._ran(len(p.batch.sample_ids))
+            else:
+                offsets, n = [], 0
+                for p in group:
+                    offsets.append(n)
+                    n += len(p.batch.sample_ids)
+                deadlines = [p.batch.deadline for p in group if p.batch.deadline is not None]
+                first = group[0].batch
+                merged = Batch(f"{first.request_id}+{len(group) - 1}", first.model_id, list(range(n)),
+                               torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None,
+                               queued)
+                # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at
+                # most max_batch samples), so the merged tensor is not scanned a second time.
+                answer = self.runtime.run_validated(merged, sum(p.bytes_received for p in group))
+                self._ran(n)
+                for p, a in zip(group, split_answer(answer, [(p.batch, p.bytes_received) for p in group], offsets)):
+                    p.answer = a
+        except BaseException as e:  # every caller of the batch gets the error, none waits forever
+            for p in group:
+                p.error = e
+        finally:
+            for p in group:
+                p.done.set()
+
+    def _ran(self, samples: int) -> None:
+        self.batch_sizes[samples] += 1
+        if self.on_batch is not None:
+            self.on_batch(samples)
+
+    def close(self) -> None:
+        """Stop the workers once the queue is empty (call after the server has drained)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)

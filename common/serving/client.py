@@ -1,0 +1,155 @@
+"""The caller's side of the ``Tier`` service: channels to a tier, the next-tier ``Forward`` function, health waits.
+
+``NextTierClient`` is what a tier's runtime (and the device client) calls to hand samples on; it maps gRPC failures
+to ``DownstreamError`` codes the runtime understands, so the runtime itself never sees grpc.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.errors import DownstreamError
+from common.serving.options import (DEFAULT_MAX_MESSAGE_BYTES, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, SERVICE_NAME,
+                                    grpc_options)
+from common.serving.runtime import Forwarded
+from common.serving.security import Security
+from common.wire import messages
+from common.wire.batch import Batch
+from common.wire.codecs import FLOAT32, WireCodec
+from common.wire.link import LinkModel, emulate_link
+from proto import splitexit_pb2 as pb
+from proto import splitexit_pb2_grpc as pb_grpc
+
+# Bounded retries of UNAVAILABLE with exponential backoff (Infer is a pure function of its request, so replaying it
+# is safe). gRPC applies this policy itself; the replay buffer is sized by grpc.per_rpc_retry_buffer_size.
+RETRY_POLICY = {
+    "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+# Reconnect to a restarted next tier within about a second, not after gRPC's default backoff of up to 2 minutes.
+MAX_RECONNECT_BACKOFF_MS = 1_000
+# What a hop keeps of its caller's remaining time for itself when it forwards: enough to answer (degraded if need
+# be) before the caller gives up. A share of the budget, bounded to [MIN, MAX] seconds.
+DEADLINE_MARGIN_SHARE, DEADLINE_MARGIN_MIN_S, DEADLINE_MARGIN_MAX_S = 0.1, 0.02, 0.5
+# What a failed call to the next tier means for the caller: the next tier being unreachable or slow is retryable;
+# the next tier refusing our request means the deployment itself is inconsistent (e.g. tiers from two exports).
+_DOWNSTREAM = {
+    grpc.StatusCode.UNAVAILABLE: "UNAVAILABLE",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "UNAVAILABLE",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "UNAVAILABLE",
+    grpc.StatusCode.INVALID_ARGUMENT: "FAILED_PRECONDITION",
+    grpc.StatusCode.FAILED_PRECONDITION: "FAILED_PRECONDITION",
+}
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    """Options of a channel to a tier: message limits, the retry policy, keepalive and a short reconnect backoff."""
+    config = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
+def forward_timeout(deadline: float | None, cap_s: float, now: float) -> float:
+    """Seconds the next hop may take: the caller's remaining budget less a margin for our own answer, at most
+    ``cap_s``; 0 or less means there is no time left to forward at all."""
+    if deadline is None:
+        return cap_s
+    remaining = deadline - now
+    margin = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_MIN_S, DEADLINE_MARGIN_SHARE * remaining))
+    return min(cap_s, remaining - margin)
+
+
+class NextTierClient:
+    """The ``Forward`` function of a tier whose next tier is a gRPC server at ``target``.
+
+    Each call's deadline is the batch's remaining budget less a margin (``forward_timeout``), at most ``timeout_s``;
+    UNAVAILABLE is retried by gRPC per ``RETRY_POLICY``. A batch with no time left is not sent at all. ``wire`` is
+    the codec of the tensors sent on this link; ``link``, when given, is an emulated link whose delay for the actual
+    request and reply sizes is slept after each call (see ``common.wire.link``).
+    """
+
+    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 wire: WireCodec = FLOAT32, link: LinkModel | None = None, security: Security | None = None):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.wire, self.link = wire, link
+        self.channel = open_channel(target, security, channel_options(max_message_bytes))
+        self.metadata = (security or Security()).metadata()
+        self.stub = pb_grpc.TierStub(self.channel)
+        # Infer takes the request already serialized (messages.encode_request copies the tensor only once).
+        self._infer = self.channel.unary_unary(f"/{SERVICE_NAME}/Infer", request_serializer=None,
+                                               response_deserializer=pb.InferReply.FromString)
+        self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
+
+    def __call__(self, batch: Batch) -> Forwarded:
+        if not self.reachable:
+            raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
+                                  "UNAVAILABLE")
+        timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
+        if timeout <= 0:
+            raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
+                                  "UNAVAILABLE")
+        start = time.perf_counter()
+        request = messages.encode_request(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
+        try:
+            # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
+            reply = self._infer(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
+                                  _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
+        size = len(request)
+        link_ms = emulate_link(self.link, size, reply.ByteSize())
+        return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
+
+    def describe(self) -> pb.TierDescription:
+        """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
+        try:
+            return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, wait_for_ready=True,
+                                      metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise DownstreamError(f"{self.target} did not answer Describe: {e.code().name}: {e.details()}") from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def open_channel(target: str, security: Security | None = None, options: list | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS (with our certificate for mutual TLS) when ``security`` has a CA, else plaintext."""
+    security = security or Security()
+    options = [*(options or []), *security.channel_options()]
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def wait_for_serving(target: str, timeout_s: float = 60.0, security: Security | None = None) -> None:
+    """Block until the server at ``target`` reports SERVING on the standard health service."""
+    deadline = time.monotonic() + timeout_s
+    with open_channel(target, security) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f} s")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=min(2.0, remaining)).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)

@@ -1,0 +1,25 @@
+"""Handling one received request: decode it, let the tier's runtime answer it, stamp this tier's hop.
+
+Shared by the gRPC servicer and the in-process chain, so both decode, validate and time a request the same way.
+"""
+from __future__ import annotations
+
+import time
+
+from common.serving.runtime import TierRuntime
+from common.wire.batch import Answer
+from common.wire.messages import Received, batch_from_request
+
+
+def answer_request(runtime: TierRuntime, received: Received, deadline: float | None = None) -> Answer:
+    """Decode the received request, let ``runtime`` answer it, and stamp this tier's hop with decode and handling
+    time. ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on."""
+    start = time.perf_counter()
+    batch = batch_from_request(received.message)
+    batch.deadline = deadline
+    decoded = time.perf_counter()
+    answer = runtime.process(batch, bytes_received=received.nbytes)
+    hop = answer.trace[0]
+    hop.decode_ms = (decoded - start) * 1e3
+    hop.handle_ms = (time.perf_counter() - start) * 1e3
+    return answer

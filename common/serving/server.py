@@ -1,0 +1,149 @@
+"""The server side of the ``Tier`` service: a servicer adapting the tier runtime, ``Describe``, ``create_server``.
+
+Servicers only adapt: they hand the received request to ``common.serving.handling``, map ``RequestError``s to status
+codes and encode the answer. The server is built here and started by the caller.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.errors import RequestError
+from common.model.bundle import Manifest
+from common.serving.handling import answer_request
+from common.serving.metrics import TierMetrics
+from common.serving.options import DEFAULT_MAX_MESSAGE_BYTES, NO_DEADLINE_S, SERVICE_NAME, server_options
+from common.serving.runtime import TierRuntime
+from common.serving.security import Security
+from common.wire import messages
+from proto import splitexit_pb2 as pb
+from proto import splitexit_pb2_grpc as pb_grpc
+
+log = logging.getLogger("splitexit.server")
+HEALTH_SERVICES = ("", SERVICE_NAME)  # the whole server and the Tier service report the same status
+
+_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+
+class TierServicer(pb_grpc.TierServicer):
+    """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
+    call is answered UNAVAILABLE, which callers retry."""
+
+    def __init__(self, runtime: TierRuntime | None, description: pb.TierDescription | None,
+                 metrics: TierMetrics | None = None) -> None:
+        self.runtime = runtime
+        self.description = description
+        self.metrics = metrics
+
+    def Infer(self, received: messages.Received, context: grpc.ServicerContext) -> pb.InferReply:
+        if self.runtime is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
+        t0 = time.perf_counter()
+        request, size = received.message, received.nbytes
+        try:
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+            answer = answer_request(self.runtime, received, deadline)
+        except RequestError as e:
+            code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
+            self._failed(request.request_id, code, t0)
+            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
+                        extra={"request_id": request.request_id, "code": code.name})
+            context.abort(code, str(e))
+        except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
+            self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
+            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        seconds = time.perf_counter() - t0
+        hop = answer.trace[0]
+        if self.metrics is not None:
+            self.metrics.observe(answer, size, seconds)
+            if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
+                self.metrics.batch_ran(len(answer.predictions))
+        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+                  "ms": round(seconds * 1e3, 3)}
+        if hop.samples_degraded:
+            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
+                        hop.downstream_error, extra=fields)
+        else:
+            log.debug("request %s answered", request.request_id, extra=fields)
+        return messages.reply_from_answer(answer)
+
+    def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.error(code.name, time.perf_counter() - t0)
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.TierDescription:
+        if self.description is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
+        return self.description
+
+
+def add_tier_service(servicer: TierServicer, server: grpc.Server) -> None:
+    """Register the ``Tier`` service like the generated ``add_TierServicer_to_server``, except that ``Infer`` is
+    handed a ``messages.Received``: the request together with its size on the wire, which the tier reports and
+    counts, so that a large request is never serialized again just to be measured."""
+    def handler(method, request_type, response_type, parse=None):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=parse or request_type.FromString,
+                                                   response_serializer=response_type.SerializeToString)
+
+    server.add_registered_method_handlers(SERVICE_NAME, {
+        "Infer": handler(servicer.Infer, pb.InferRequest, pb.InferReply, messages.Received.parse),
+        "Describe": handler(servicer.Describe, pb.DescribeRequest, pb.TierDescription),
+    })
+
+
+def describe_tier(m: Manifest, gate_kind: str, gate_params: dict[str, float], next_tier: str,
+                  policy: str = "", calibration: dict | None = None) -> pb.TierDescription:
+    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs."""
+    return pb.TierDescription(
+        tier=m.tier, model_id=m.model_id, architecture=m.architecture, stages=m.stages, exit_index=m.exit_index,
+        exit_head=json.dumps(m.exit_head), gate_kind=gate_kind, gate_params=gate_params, input_shape=m.input_shape,
+        input_dtype=m.input_dtype, next_tier=next_tier, segment_flops=m.segment_flops, head_flops=m.head_flops,
+        full_network_flops=m.full_network_flops, class_names=m.class_names, tiers=m.tiers, policy=policy,
+        calibration=json.dumps(calibration or {}, sort_keys=True),
+    )
+
+
+def create_server(
+    servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    security: Security | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
+
+    The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
+    Server reflection is enabled so generic gRPC tools can list and call the service. ``security`` adds TLS (mutual
+    with a CA) and the bearer-token check.
+    """
+    security = security or Security()
+    # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
+    # ever more large requests in memory.
+    options = server_options(max_message_bytes)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                         maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
+    add_tier_service(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in HEALTH_SERVICES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        credentials = security.server_credentials()
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises RuntimeError("Failed to bind ...") for a busy or invalid address
+        raise OSError(f"could not listen on {address}: {e}") from None
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    return server, port, health_servicer
+
+

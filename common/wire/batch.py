@@ -1,0 +1,62 @@
+"""What travels between tiers, in memory: a batch of samples going on, and the answers and hop traces coming back.
+
+Plain dataclasses with no protobuf in them: ``common.wire.messages`` converts them to and from the wire, and the
+runtime, the batcher and the in-process chain work on them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """Samples travelling between tiers: one row of ``tensor`` per entry of ``sample_ids``."""
+
+    request_id: str
+    model_id: str
+    sample_ids: list[int]
+    tensor: Tensor
+    # time.monotonic() by which the caller needs the answer (None = no deadline); forwarded batches inherit it.
+    deadline: float | None = None
+    # Seconds the longest-waiting sample already spent in batching queues before this tier (dynamic batching spends
+    # one delay budget per sample along the chain, not one per tier); forwarded batches carry it on.
+    queued_s: float = 0.0
+
+
+@dataclass
+class Prediction:
+    sample_id: int
+    label: int
+    confidence: float
+    exit_tier: str
+    exit_index: int
+    degraded: bool = False  # answered by this exit only because the next tier could not be reached in time
+
+
+@dataclass
+class Hop:
+    """What one tier did with one request (mirrors ``HopTrace`` on the wire)."""
+
+    tier: str
+    samples_in: int
+    samples_exited: int
+    compute_ms: float
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    forward_ms: float = 0.0
+    flops: float = 0.0
+    encode_ms: float = 0.0  # encoding the forwarded request
+    decode_ms: float = 0.0  # decoding the received request (set by whoever decoded it)
+    link_ms: float = 0.0  # emulated delay of the outgoing link
+    handle_ms: float = 0.0  # receiving the request to the reply being ready (set by the server or local link)
+    samples_degraded: int = 0
+    downstream_error: str = ""
+
+
+@dataclass
+class Answer:
+    request_id: str
+    predictions: list[Prediction]
+    trace: list[Hop] = field(default_factory=list)

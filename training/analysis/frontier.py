@@ -1,0 +1,221 @@
+"""Accuracy against computation for every exit policy, from one cached forward pass over a data set.
+
+``python -m training.analysis.frontier --bundle DIR --data SPEC --out DIR [--split test] [--limit N] [--points 41]
+[--calibrate-on val]``
+
+Runs the bundle's segments once over the data (no sample leaves early), keeps every exit's logits, and then sweeps
+each thresholded policy (one threshold shared by the early exits) over its range, plus the bundle's own calibrated
+gates. With ``--calibrate-on val`` every policy is also swept the way the seed projects do it: per-exit thresholds
+calibrated on the validation split to desired accuracies from 0.5 to 1 (``per_exit`` in the JSON; dashed in the
+plot for ``confidence`` and ``mlp``). Each segment's compute time is measured during the pass, so every point also
+has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
+included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
+against latency, one line per policy, the final exit's accuracy as a reference line, and two oracle gates that
+read the labels (``oracles``: the least computation for the final exit's answers, and for the best accuracy the
+exits allow) as bounds no policy can pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.model.bundle import find_tier_folders, load_tier_bundle
+from common.cli import add_data_args, positive_int, run
+from common.errors import ConfigError
+from common.model.gates import ConstantGate, Gate, gate_to_dict
+from common.emulation.chain import all_exit_logits, bundle_costs
+from training.calibrate import ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds, to_gates
+from common.data.datasets import load, parse_spec
+
+
+@dataclass(frozen=True)
+class Cached:
+    """One forward pass over a data set: every exit's logits, the labels, the cumulative FLOPs of leaving at each
+    exit, the whole network's FLOPs, the tier names, and the cumulative compute time per sample up to each exit."""
+
+    logits: list[torch.Tensor]
+    labels: torch.Tensor
+    costs: list[float]
+    full: float
+    tiers: list[str]
+    ms_to_exit: list[float]
+
+    def point(self, gates: list[Gate]) -> dict:
+        """Accuracy, mean FLOPs fraction, mean compute latency per sample and exits per tier under ``gates``."""
+        sim = cascade(self.logits, self.labels, gates, self.costs)
+        n = len(self.labels)
+        latency = sum(k * ms for k, ms in zip(sim["exit_counts"], self.ms_to_exit)) / n
+        return {"accuracy": sim["accuracy"], "flops_fraction": sim["mean_cost"] / self.full,
+                "compute_ms_per_sample": latency, "exits": dict(zip(self.tiers, sim["exit_counts"]))}
+
+
+def oracles(cached: Cached) -> dict:
+    """Two gates no policy can beat, as references for the policies' frontier (they read the labels):
+
+    * ``agree_with_final``: every sample leaves at the first exit whose answer is the final exit's. Any policy
+      that answers exactly like the whole network spends at least these FLOPs.
+    * ``first_correct``: every sample leaves at the first exit that is right (samples no exit gets right leave at
+      the first). The least computation any policy needs for this accuracy or more."""
+    preds = torch.stack([lg.argmax(1) for lg in cached.logits])
+    right = preds == cached.labels
+    exit_of = {"agree_with_final": (preds == preds[-1]).int().argmax(0),
+               "first_correct": torch.where(right.any(0), right.int().argmax(0), 0)}
+    n, costs = len(cached.labels), torch.tensor(cached.costs, dtype=torch.float64)
+    out = {}
+    for name, taken in exit_of.items():
+        counts = torch.bincount(taken, minlength=len(cached.logits)).tolist()
+        out[name] = {"accuracy": float(right[taken, torch.arange(n)].double().mean()),
+                     "flops_fraction": float(costs[taken].mean()) / cached.full,
+                     "exits": dict(zip(cached.tiers, counts))}
+    return out
+
+
+def sweep(cached: Cached, family: list[Thresholdable], points: int = 41) -> list[dict]:
+    """One point per threshold (shared by the early exits), at quantiles of their pooled scores, plus exit-none."""
+    scores = np.concatenate([fam.score(lg) for fam, lg in zip(family, cached.logits[:-1])])
+    quantiles = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
+    out = []
+    for q in quantiles:
+        gates = [fam.make(float(q)) for fam in family]
+        out.append({"parameter": gates[0].params()["threshold"], **cached.point(gates)})
+    never = [ConstantGate(False)] * (len(cached.logits) - 1)
+    out.append({"parameter": None, **cached.point(never)})
+    return sorted(out, key=lambda p: p["flops_fraction"])
+
+
+def per_exit_sweep(cached: Cached, family: list[Thresholdable], calib: ExitScores, points: int = 41) -> list[dict]:
+    """Per-exit thresholds calibrated on ``calib`` (other data) to each desired accuracy of a grid from 0.5 to 1,
+    measured on ``cached``: exit k takes the lowest threshold whose accepted calibration samples (among those earlier
+    exits declined) reach the desired accuracy."""
+    out = []
+    for target in np.linspace(0.5, 1.0, points):
+        gates = to_gates(family, cascade_thresholds(calib, float(target)))
+        out.append({"parameter": round(float(target), 6), **cached.point(gates)})
+    return sorted(out, key=lambda p: (p["flops_fraction"], p["parameter"]))
+
+
+def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, points: int = 41,
+             calib: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``.
+
+    With ``calib`` (images and labels of other data, e.g. the validation split), every policy also gets a
+    ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here.
+    """
+    bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
+    tiers = [b.tier for b in bundles]
+    start = time.perf_counter()
+    seconds: list[float] = []
+    logits = all_exit_logits(bundles, images, seconds=seconds)
+    forward_s = time.perf_counter() - start
+    costs, full = bundle_costs(bundles)
+    cached = Cached(logits, labels, costs, full, tiers,
+                    list(np.cumsum([1000 * s / len(labels) for s in seconds])))
+    calibrated = [b.gate for b in bundles[:-1]]
+    families = bundle_families(bundles)
+    # The fitted cost gates are one point (their trade-off was fixed by alpha), not a sweep.
+    cost_stored = families.pop("cost", None) is not None
+    policies = {kind: {"points": sweep(cached, family, points)} for kind, family in families.items()}
+    if calib is not None:
+        calib_logits = all_exit_logits(bundles, calib[0])
+        for kind, family in families.items():
+            scores = ExitScores.build(calib_logits, calib[1], family, costs, full)
+            policies[kind]["per_exit"] = per_exit_sweep(cached, family, scores, points)
+    if cost_stored:
+        gates = [b.policy_gate("cost") for b in bundles[:-1]]
+        policies["cost"] = {"alpha": gates[0].alpha,
+                            "points": [{"parameter": gates[0].alpha, **cached.point(gates)}]}
+    return {
+        "samples": len(labels),
+        "model_id": bundles[0].model_id,
+        "final_accuracy": float((logits[-1].argmax(1) == labels).double().mean()),
+        "exit_accuracy": dict(zip(tiers, [float((lg.argmax(1) == labels).double().mean()) for lg in logits])),
+        "exit_flops_fraction": dict(zip(tiers, [c / full for c in costs])),
+        "policies": policies,
+        "calibrated": {"policy": bundles[0].manifest.policy or None,
+                       "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
+                       "calibration": bundles[0].calibration(), **cached.point(calibrated)},
+        "oracles": oracles(cached),
+        "compute_ms_to_exit": dict(zip(tiers, cached.ms_to_exit)),
+        "calibration_samples": None if calib is None else len(calib[1]),
+        "forward_seconds": forward_s,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    cal = result["calibrated"]
+    for ax, key, xlabel in ((axes[0], "flops_fraction", "mean FLOPs per sample / whole network"),
+                            (axes[1], "compute_ms_per_sample", "mean compute time per sample (ms, this CPU)")):
+        for kind, policy in result["policies"].items():
+            pts = policy["points"]
+            style = {"marker": "D", "markersize": 8, "linestyle": "none"} if len(pts) == 1 else {"marker": "."}
+            label = f"cost (alpha={policy['alpha']})" if kind == "cost" else kind
+            line, = ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
+            if policy.get("per_exit") and kind in ("confidence", "mlp"):
+                pe = policy["per_exit"]
+                ax.plot([p[key] for p in pe], [p["accuracy"] for p in pe], linestyle="--", marker="x",
+                        color=line.get_color(), label=f"{kind}, per-exit thresholds for a desired accuracy")
+        ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
+        ax.plot([cal[key]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
+        if key == "flops_fraction":
+            for (name, o), marker in zip(result["oracles"].items(), ("P", "X")):
+                ax.plot([o[key]], [o["accuracy"]], marker, color="grey", markersize=9,
+                        label=f"oracle gate ({name.replace('_', ' ')}; reads the labels)")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
+    axes[1].set_title("accuracy against latency (segments' compute, no links)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.analysis.frontier", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, required=True, help="bundle root written by training.export")
+    add_data_args(p)
+    p.add_argument("--points", type=positive_int, default=41, help="thresholds per policy (default 41)")
+    p.add_argument("--calibrate-on", default=None, metavar="SPLIT",
+                   help="also sweep per-exit thresholds calibrated on this split of the data (e.g. val) to desired "
+                        "accuracies from 0.5 to 1")
+    p.add_argument("--out", type=Path, required=True, help="folder for frontier.json and frontier.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    data = load(args.data, args.split, limit=args.limit)
+    calib = None
+    if args.calibrate_on:
+        if parse_spec(args.data).split is not None or args.calibrate_on == args.split:
+            raise ConfigError("--calibrate-on needs a data spec without a split and another split than --split, "
+                              "e.g. --data synthetic --split test --calibrate-on val")
+        held_out = load(args.data, args.calibrate_on, limit=args.limit)
+        calib = (held_out.images, held_out.labels)
+    result = frontier(args.bundle, data.images, data.labels, args.points, calib)
+    result["data"] = args.data
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "frontier.png")
+    cal = result["calibrated"]
+    print(f"final exit accuracy {result['final_accuracy']:.4f}; calibrated gates: accuracy {cal['accuracy']:.4f} "
+          f"at {cal['flops_fraction']:.1%} of the network's FLOPs, exits {cal['exits']}")
+    print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
