@@ -11,6 +11,7 @@ from common.model import register_backbone
 from common.model.convert import convert
 
 
+# [docs:network]
 class Block(nn.Module):
     """Two 3x3 convolutions with a shortcut around them."""
 
@@ -38,9 +39,12 @@ class MyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.stem(x))))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+# [/docs:network]
 
 
+# [docs:register]
 @register_backbone("mynet", exit_points=(2, 3))  # device: stem + block1, edge: block2, cloud: block3 + fc
 def mynet(num_classes: int = 10, width: float = 1.0, in_channels: int = 3):
     model = MyNet(num_classes, width, in_channels)
     return convert(model, ["stem", "block1", "block2", "block3"], num_classes)
+# [/docs:register]
