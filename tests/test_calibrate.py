@@ -2,7 +2,14 @@ import numpy as np
 import torch
 
 from common.model.gates import ConfidenceGate, ConstantGate, EntropyGate, MarginGate
-from training.calibrate import calibrate_gates, cascade, coverage_threshold
+from training.calibrate import ExitScores, cascade, cascade_thresholds, coverage_threshold, policy_family, to_gates
+
+
+def calibrate_gates(exit_logits, labels, target, kind="confidence"):
+    """One gate per early exit, calibrated in cascade order to ``target`` accuracy."""
+    family = policy_family(kind, num_early=len(exit_logits) - 1)
+    scores = ExitScores.build(exit_logits, labels, family, [0.0] * len(exit_logits))
+    return to_gates(family, cascade_thresholds(scores, target))
 
 
 def test_coverage_threshold_picks_the_highest_coverage_meeting_the_target():

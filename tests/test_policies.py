@@ -7,8 +7,16 @@ import torch
 from common.errors import ConfigError
 
 from common.model.gates import LearnedGate, gate_from_dict, gate_to_dict
-from training.calibrate import calibrate_policy, cascade, policy_family
+from training.calibrate import ExitScores, Objective, cascade, naive_thresholds, policy_family, to_gates
 from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
+
+
+def calibrate_policy(exit_logits, labels, family, costs, *, target_accuracy=None, target_drop=None, budget=None,
+                     full_flops=None):
+    """Naive thresholds for one policy under one objective, searched on the given logits."""
+    objective = Objective.from_targets(target_accuracy, target_drop, budget)
+    thresholds, info = naive_thresholds(ExitScores.build(exit_logits, labels, family, costs, full_flops), objective)
+    return to_gates(family, thresholds), info
 
 
 def synthetic_exits(n=2000, seed=0):

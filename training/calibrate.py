@@ -90,14 +90,6 @@ def bundle_families(bundles: list) -> dict[str, list[Thresholdable]]:
     return families
 
 
-def calibrate_gates(exit_logits: list[Tensor], labels: Tensor, target: float,
-                    kind: str | list[Thresholdable] = "confidence") -> list[Gate]:
-    """One gate per early exit (all but the last), calibrated in cascade order to ``target`` accuracy."""
-    family = policy_family(kind, num_early=len(exit_logits) - 1) if isinstance(kind, str) else kind
-    scores = ExitScores.build(exit_logits, labels, family, [0.0] * len(exit_logits))
-    return to_gates(family, cascade_thresholds(scores, target))
-
-
 @dataclass(frozen=True)
 class ExitScores:
     """What calibration needs from cached exit outputs, as arrays: each early exit's gate score (higher = more
@@ -322,26 +314,6 @@ def calibrate_scores(es: ExitScores, objective: Objective, method: str = "naive"
     if path is None:
         raise ConfigError("guaranteed calibration needs separate data to order its candidates")
     return ltt_thresholds(path, es, objective, delta, bound)
-
-
-def calibrate_policy(exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float], *,
-                     target_accuracy: float | None = None, target_drop: float | None = None,
-                     budget: float | None = None, full_flops: float | None = None) -> tuple[list[Gate], dict]:
-    """Naive thresholds for one policy under one objective, searched on (validation) logits.
-
-    * ``target_accuracy``: the cheapest thresholds found whose overall accuracy is at least this;
-    * ``target_drop`` (points): the cheapest thresholds found whose overall accuracy is within that many points of
-      the final exit's;
-    * ``budget`` (fraction of ``full_flops``, the whole network's FLOPs without exit heads): the most accurate
-      thresholds found whose mean cost fits;
-    * none: every early exit keeps the final exit's accuracy on the samples it accepts.
-    The searches run over "never exit early" and, for each of 201 accuracy targets shared by the early exits, the
-    cascade thresholds that meet it.
-    """
-    objective = Objective.from_targets(target_accuracy, target_drop, budget)
-    es = ExitScores.build(exit_logits, labels, family, costs, full_flops)
-    thresholds, info = naive_thresholds(es, objective)
-    return to_gates(family, thresholds), info
 
 
 def exit_taken(exit_logits: list[Tensor], gates: list[Gate]) -> Tensor:

@@ -21,7 +21,6 @@ import numpy as np
 
 NUM_CLASSES = 10
 CLASS_NAMES = [f"class{c}" for c in range(NUM_CLASSES)]
-DIFFICULTIES = ("easy", "medium", "hard")
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 

@@ -67,7 +67,8 @@ def emulated_chain(bundles: list[TierBundle], gates: list[Gate | None], wires: l
     for k in reversed(range(len(bundles))):
         forward = LocalLink(runtime, wires[k], links[k]) if runtime is not None else None
         b = bundles[k]
-        runtime = TierRuntime(TierSpec.from_manifest(b.manifest), b.segment, gates[k] or b.gate, forward, compute_scale=scales[k])
+        runtime = TierRuntime(TierSpec.from_manifest(b.manifest), b.segment, b.select_gate(gates[k]), forward,
+                              compute_scale=scales[k])
     return runtime
 
 

@@ -53,8 +53,8 @@ def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = 
     wires = wires or {}
     runtime = None
     for bundle, gate in reversed(list(zip(bundles, gates, strict=True))):
-        forward = LocalLink(runtime, wires.get(bundle.tier, bundle.link_codec())) if runtime is not None else None
-        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest), bundle.segment, gate or bundle.gate, forward)
+        forward = LocalLink(runtime, bundle.link_codec(wires.get(bundle.tier))) if runtime is not None else None
+        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest), bundle.segment, bundle.select_gate(gate), forward)
     return runtime
 
 
@@ -67,7 +67,7 @@ def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: s
     unknown = set(gates) - {b.tier for b in bundles}
     if unknown:
         raise ConfigError(f"gate overrides name unknown tiers {sorted(unknown)}")
-    chosen = [gates.get(b.tier) or (b.policy_gate(policy) if policy else None) for b in bundles]
+    chosen = [b.select_gate(gates.get(b.tier), policy) for b in bundles]
     return chain_runtimes(bundles, chosen, wires), bundles
 
 

@@ -30,10 +30,16 @@ def softmax_stats(logits: Tensor) -> dict[str, Tensor]:
     return {"confidence": confidence, "label": label, "entropy": entropy, "margin": margin}
 
 
+Stats = dict[str, Tensor]  # what ``softmax_stats`` returns
+
+
 class Gate(Protocol):
+    """``gate(logits, stats)`` -> boolean mask of the samples that may exit. ``stats``, when the caller already has
+    ``softmax_stats(logits)`` (the tier runtime needs them for its answers), saves the gate computing them again."""
+
     kind: str
 
-    def __call__(self, logits: Tensor) -> Tensor: ...
+    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor: ...
 
     def params(self) -> dict[str, float]: ...
 
@@ -50,9 +56,9 @@ class _ThresholdGate:
     threshold: float
     kind = ""
 
-    def __call__(self, logits: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
         stat, direction = THRESHOLD_GATES[self.kind]
-        value = softmax_stats(logits)[stat]
+        value = (stats or softmax_stats(logits))[stat]
         return value >= self.threshold if direction > 0 else value <= self.threshold
 
     def params(self) -> dict[str, float]:
@@ -80,10 +86,10 @@ class MarginGate(_ThresholdGate):
 GATE_FEATURES = ("confidence", "entropy", "margin", "depth", "logit_norm")
 
 
-def gate_features(logits: Tensor, depth: float) -> Tensor:
+def gate_features(logits: Tensor, depth: float, stats: Stats | None = None) -> Tensor:
     """``(N, 5)`` inputs of a learned gate: max probability, normalised entropy, margin, normalised depth of the
     exit (0 = first, 1 = last), and the L2 norm of the logits."""
-    s = softmax_stats(logits)
+    s = stats or softmax_stats(logits)
     cols = [s["confidence"], s["entropy"], s["margin"], torch.full_like(s["margin"], float(depth)),
             logits.float().norm(dim=1)]
     return torch.stack(cols, dim=1)
@@ -133,12 +139,12 @@ class LearnedGate:
     threshold: float = 0.5
     alpha: float | None = None
 
-    def probability(self, logits: Tensor) -> Tensor:
+    def probability(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
         with torch.no_grad():
-            return torch.sigmoid(self.mlp(gate_features(logits, self.depth)))
+            return torch.sigmoid(self.mlp(gate_features(logits, self.depth, stats)))
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        return self.probability(logits) >= self.threshold
+    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
+        return self.probability(logits, stats) >= self.threshold
 
     def with_threshold(self, threshold: float) -> "LearnedGate":
         return LearnedGate(self.kind, self.mlp, self.depth, threshold, self.alpha)
@@ -168,7 +174,7 @@ class ConstantGate:
     def kind(self) -> str:
         return "always" if self.exit_all else "never"
 
-    def __call__(self, logits: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
         return torch.full((logits.shape[0],), self.exit_all, dtype=torch.bool)
 
     def params(self) -> dict[str, float]:

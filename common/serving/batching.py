@@ -93,9 +93,6 @@ class DynamicBatcher:
         for t in self._threads:
             t.start()
 
-    def validate(self, batch: Batch) -> None:
-        self.runtime.validate(batch)
-
     def process(self, batch: Batch, bytes_received: int = 0) -> Answer:
         """Answer ``batch`` (blocking), possibly as part of a larger batch."""
         self.runtime.validate(batch)

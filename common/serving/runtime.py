@@ -128,7 +128,7 @@ class TierRuntime:
         with torch.inference_mode():
             features, logits = self.segment(batch.tensor)
             stats = softmax_stats(logits)
-            exits = self.gate(logits).to(torch.bool)
+            exits = self.gate(logits, stats).to(torch.bool)
         compute_ms = (time.perf_counter() - start) * 1e3
         if self.compute_scale > 1:
             time.sleep((self.compute_scale - 1) * compute_ms / 1e3)
