@@ -104,32 +104,44 @@ def test_a_full_batch_leaves_at_once_whatever_the_delay():
     assert batcher.batch_sizes == {4: 1}
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
 def test_a_request_that_does_not_fit_sends_the_batch_collected_so_far():
-    batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=1.0, workers=1)
+    batcher = DynamicBatcher(_runtime(), max_batch=4, max_delay_s=30.0, workers=1)
     results = {}
     first = threading.Thread(target=_timed, args=(batcher, results, "three", [[1.0, 0.0]] * 3))
     first.start()
-    time.sleep(0.1)
-    _timed(batcher, results, "two", [[1.0, 0.0]] * 2)  # 3 + 2 > 4: "three" must not wait for its window
-    first.join(timeout=10)
+    _wait_until(lambda: batcher._wanted == 1)  # the worker holds "three" and waits for one more sample
+    second = threading.Thread(target=_timed, args=(batcher, results, "two", [[1.0, 0.0]] * 2))
+    second.start()  # 3 + 2 > 4: "three" must leave now instead of waiting out its window
+    first.join(timeout=20)
+    _wait_until(lambda: batcher._wanted == 2)  # the worker now holds "two" and waits for two more samples
+    _timed(batcher, results, "fill", [[1.0, 0.0]] * 2)  # which fill its batch: it leaves at once too
+    second.join(timeout=20)
     batcher.close()
-    assert results["three"][1] < 0.6
-    assert [len(a.predictions) for a, _ in (results["three"], results["two"])] == [3, 2]
+    assert results["three"][1] < 15  # far from the 30 s window
+    assert [len(a.predictions) for a, _ in (results["three"], results["two"], results["fill"])] == [3, 2, 2]
+    assert batcher.batch_sizes == {3: 1, 4: 1}
 
 
 def test_time_queued_at_earlier_tiers_shortens_the_window_and_is_carried_on():
     nxt = TracedNext()
-    batcher = DynamicBatcher(_runtime(nxt), max_batch=16, max_delay_s=1.0, workers=1)
+    batcher = DynamicBatcher(_runtime(nxt), max_batch=16, max_delay_s=3.0, workers=1)
     t0 = time.monotonic()
-    # Its samples already waited 0.9 s upstream: this tier holds it for what is left of its 1 s window at most.
-    tired = batcher.process(Batch("tired", "m1", [0], -torch.ones(1, 2), queued_s=0.9))
+    # Its samples already waited 2.9 s upstream: this tier holds it for what is left of its 3 s window at most.
+    tired = batcher.process(Batch("tired", "m1", [0], -torch.ones(1, 2), queued_s=2.9))
     held = time.monotonic() - t0
     t0 = time.monotonic()
     fresh = batcher.process(Batch("fresh", "m1", [0], -torch.ones(1, 2)))
     fresh_held = time.monotonic() - t0
     spent = batcher.process(Batch("spent", "m1", [0], -torch.ones(1, 2), queued_s=5.0))
     batcher.close()
-    assert held < 0.6 and fresh_held > 0.9
+    assert held < 2.0 and fresh_held >= 2.9  # a lone request waits its whole window; the tired one far less
     assert [p.sample_id for p in tired.predictions + fresh.predictions + spent.predictions] == [0, 0, 0]
     sent = [b.queued_s for b in nxt.calls]  # what the next tier is told: upstream wait plus the wait here
-    assert 0.9 <= sent[0] < 1.5 and 0.9 <= sent[1] < 1.5 and sent[2] >= 5.0
+    assert 2.9 <= sent[0] < 4.5 and 2.9 <= sent[1] < 4.5 and sent[2] >= 5.0

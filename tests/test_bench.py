@@ -30,6 +30,7 @@ def test_width_sweep_defaults_and_bad_values():
             parse_widths(bad, quick=False)
 
 
+@pytest.mark.e2e
 def test_serving_overhead_section_measures_the_bundle_and_the_width_sweep(tiny_bundle, tmp_path):
     """Three tier processes per model, then torn down: the bundle's own ratio and one freshly initialised width."""
     import json

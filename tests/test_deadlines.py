@@ -1,6 +1,7 @@
 """Deadlines, retries and degraded answers: the runtime's decision in process, the gRPC side on in-process servers."""
 from __future__ import annotations
 
+import json
 import socket
 import time
 from concurrent import futures
@@ -122,11 +123,10 @@ def test_a_tier_whose_next_tier_is_down_answers_degraded(serve):
 
 
 def test_a_slow_next_tier_is_cut_off_by_the_callers_deadline_and_answered_degraded(serve):
-    cloud = serve(Slow(3.0))
+    cloud = serve(Slow(10.0))
     edge = serve(ToySegment(), forward_to=cloud, tier="edge")
-    t0 = time.monotonic()
-    reply = infer(edge, batch([[1, 2]]), timeout=1.0)  # the caller gives the whole chain one second
-    assert time.monotonic() - t0 < 1.0
+    # The caller gives the whole chain three seconds; an answer at all (no DEADLINE_EXCEEDED) means it came in time.
+    reply = infer(edge, batch([[1, 2]]), timeout=3.0)
     assert reply.predictions[0].degraded and reply.predictions[0].exit_tier == "edge"
     assert "DEADLINE_EXCEEDED" in reply.trace[0].downstream_error
 
@@ -135,11 +135,11 @@ def test_the_deadline_travels_downstream_less_a_margin(serve):
     Recording.budgets = []
     cloud = serve(ToySegment(), runtime_cls=Recording)
     edge = serve(ToySegment(), forward_to=cloud, tier="edge", runtime_cls=Recording)
-    reply = infer(edge, batch([[1, 2]]), timeout=4.0)
+    reply = infer(edge, batch([[1, 2]]), timeout=20.0)
     assert not reply.predictions[0].degraded and reply.predictions[0].exit_tier == "cloud"
     edge_budget, cloud_budget = Recording.budgets
-    assert 3.0 < edge_budget <= 4.1  # gRPC measures the deadline on its own clock
-    assert cloud_budget < edge_budget - 0.3  # the edge kept a margin (10 % of its budget) for its own answer
+    assert 10.0 < edge_budget <= 20.1  # gRPC measures the deadline on its own clock; generous for a loaded host
+    assert cloud_budget < edge_budget - 0.4  # the edge kept a margin (0.5 s at this budget) for its own answer
 
 
 def test_unavailable_is_retried_with_backoff():
@@ -165,5 +165,9 @@ def test_unavailable_is_retried_with_backoff():
         server.stop(0).wait()
     assert [p.sample_id for p in forwarded.answer.predictions] == [10]
     assert len(calls) == 3  # two UNAVAILABLE answers were retried transparently
-    assert calls[2] - calls[0] >= 0.02  # with a backoff between attempts
-    assert dict(channel_options())["grpc.per_rpc_retry_buffer_size"] >= 64 << 20
+    # gRPC draws each backoff at random from zero up to the current bound, so the gap between attempts is not
+    # asserted; what the channel is told is.
+    options = dict(channel_options())
+    assert options["grpc.per_rpc_retry_buffer_size"] >= 64 << 20
+    policy = json.loads(options["grpc.service_config"])["methodConfig"][0]["retryPolicy"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and float(policy["initialBackoff"].rstrip("s")) > 0

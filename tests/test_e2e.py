@@ -22,6 +22,8 @@ from tests.grpc_tools_for_tests import CountingProxy
 from training import checkpoint
 from training.engine import collect_logits
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here starts tier processes
+
 TIMEOUT = 60
 
 

@@ -16,6 +16,8 @@ from common.serving.client import NextTierClient
 from common.wire.batch import Batch
 from common.emulation.deployment import LocalDeployment
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here starts tier processes
+
 REQUESTS = 2000
 KILL_AT, RESTART_AT = 400, 800
 RECOVERY_S = 5.0

@@ -20,6 +20,8 @@ from common.serving.client import wait_for_serving
 from common.serving.host import PARENT_PID_ENV
 from tests.conftest import ROOT
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here starts tier processes
+
 TIMEOUT = 60
 
 

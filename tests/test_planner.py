@@ -46,6 +46,7 @@ def test_slow_link_keeps_everything_on_the_device(slow_link_plan):
     assert [str(w) for w in best.codecs] == ["int8", "int8"] and best.early_exits
 
 
+@pytest.mark.e2e
 def test_served_export_uses_the_chosen_codecs(slow_link_plan, planned, tmp_path):
     """Three tier processes started on the exported bundles without --codec send int8, as planned: the bytes on
     each link are the predicted ones and the answers those of the in-process chain."""

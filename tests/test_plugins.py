@@ -34,6 +34,7 @@ def plugin_bundle(tmp_path_factory):
     return out / "bundle", env
 
 
+@pytest.mark.e2e
 def test_tiers_import_the_plugin_given_to_the_launcher(plugin_bundle, test_slice):
     from device.client import run_client
     from common.emulation.deployment import LocalDeployment

@@ -100,6 +100,7 @@ def test_half_a_key_pair_is_a_one_line_error(pki):
     assert "--tls-cert and --tls-key go together" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.e2e
 def test_three_tier_processes_over_mutual_tls_with_a_token(tiny_bundle, test_slice, pki, tmp_path):
     from device.client import run_client
     from common.emulation.deployment import LocalDeployment
