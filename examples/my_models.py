@@ -1,4 +1,4 @@
-"""A network of your own, served by SplitExit's three tiers (the README's "Bring your own model" example).
+"""A network of your own, served by SplitExit's three tiers (the example of docs/models.md).
 
 Importing this module registers the backbone ``mynet``; give the module to every command with
 ``--plugin examples.my_models``. Any ``nn.Module`` that ``torch.fx`` can trace works the same way: name the modules
