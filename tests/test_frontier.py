@@ -56,6 +56,14 @@ def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
         device = [p["exits"]["device"] for p in by_target]
         early = [p["exits"]["device"] + p["exits"]["edge"] for p in by_target]
         assert device == sorted(device, reverse=True) and early[0] > early[-1]
+    # The cost policy is a curve: its gates refitted on the validation split for each alpha, measured on test.
+    curve = result["policies"]["cost"]["curve"]
+    assert sorted(p["parameter"] for p in curve) == sorted(frontier.COST_ALPHAS) and len(curve) >= 5
+    assert all(sum(p["exits"].values()) == 192 for p in curve)
+    by_alpha = sorted(curve, key=lambda p: p["parameter"])
+    # Computation weighs more as alpha grows: the cheapest refit is never the alpha = 0 one, the dearest never the
+    # largest alpha (each fit is a small stochastic optimisation, so only the ends are compared).
+    assert by_alpha[-1]["flops_fraction"] <= by_alpha[0]["flops_fraction"]
     with pytest.raises(ConfigError, match="another split"):
         frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic:test", "--calibrate-on", "val",
                        "--out", str(tmp_path)])

@@ -13,6 +13,11 @@ included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy again
 against latency, one line per policy, the final exit's accuracy as a reference line, and two oracle gates that
 read the labels (``oracles``: the least computation for the final exit's answers, and for the best accuracy the
 exits allow) as bounds no policy can pass.
+
+The ``cost`` policy's trade-off is its ``alpha``, fixed when its gates are fitted, so a threshold sweep does not
+apply to it: the bundle's fitted cost gates are one point, and with ``--calibrate-on`` the cost gates are refitted
+on the validation logits for a grid of ``alpha`` values (``--cost-alphas``) and each refit is measured here, which
+draws the policy as a curve (``cost.curve`` in the JSON).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from common.errors import ConfigError
 from common.model.gates import ConstantGate, Gate, gate_to_dict
 from common.emulation.chain import all_exit_logits, bundle_costs
 from training.calibrate import ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds, to_gates
+from training.policies import fit_cost_gates
 from common.data.datasets import load, parse_spec
 
 
@@ -100,12 +106,27 @@ def per_exit_sweep(cached: Cached, family: list[Thresholdable], calib: ExitScore
     return sorted(out, key=lambda p: (p["flops_fraction"], p["parameter"]))
 
 
+COST_ALPHAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
+
+
+def cost_curve(cached: Cached, calib_logits: list[torch.Tensor], calib_labels: torch.Tensor,
+               alphas: tuple[float, ...] = COST_ALPHAS) -> list[dict]:
+    """The ``cost`` policy at each ``alpha``: gates fitted on the calibration logits, measured on ``cached``."""
+    out = []
+    for alpha in alphas:
+        gates = fit_cost_gates(calib_logits, calib_labels, cached.costs, alpha, full_flops=cached.full)
+        out.append({"parameter": alpha, **cached.point(gates)})
+    return sorted(out, key=lambda p: (p["flops_fraction"], p["parameter"]))
+
+
 def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, points: int = 41,
-             calib: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+             calib: tuple[torch.Tensor, torch.Tensor] | None = None,
+             cost_alphas: tuple[float, ...] = COST_ALPHAS) -> dict:
     """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``.
 
     With ``calib`` (images and labels of other data, e.g. the validation split), every policy also gets a
-    ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here.
+    ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here; and
+    the ``cost`` policy a ``curve``: its gates refitted there for every alpha of ``cost_alphas``.
     """
     bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
     tiers = [b.tier for b in bundles]
@@ -121,8 +142,8 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     # The fitted cost gates are one point (their trade-off was fixed by alpha), not a sweep.
     cost_stored = families.pop("cost", None) is not None
     policies = {kind: {"points": sweep(cached, family, points)} for kind, family in families.items()}
-    if calib is not None:
-        calib_logits = all_exit_logits(bundles, calib[0])
+    calib_logits = all_exit_logits(bundles, calib[0]) if calib is not None else None
+    if calib_logits is not None:
         for kind, family in families.items():
             scores = ExitScores.build(calib_logits, calib[1], family, costs, full)
             policies[kind]["per_exit"] = per_exit_sweep(cached, family, scores, points)
@@ -130,6 +151,9 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
         gates = [b.policy_gate("cost") for b in bundles[:-1]]
         policies["cost"] = {"alpha": gates[0].alpha,
                             "points": [{"parameter": gates[0].alpha, **cached.point(gates)}]}
+    if calib_logits is not None and cost_alphas:
+        policies.setdefault("cost", {"alpha": None, "points": []})
+        policies["cost"]["curve"] = cost_curve(cached, calib_logits, calib[1], cost_alphas)
     return {
         "samples": len(labels),
         "model_id": bundles[0].model_id,
@@ -161,7 +185,15 @@ def plot(result: dict, path: Path) -> None:
             pts = policy["points"]
             style = {"marker": "D", "markersize": 8, "linestyle": "none"} if len(pts) == 1 else {"marker": "."}
             label = f"cost (alpha={policy['alpha']})" if kind == "cost" else kind
-            line, = ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
+            if not pts and policy.get("curve"):
+                line = None
+            else:
+                line, = ax.plot([p[key] for p in pts], [p["accuracy"] for p in pts], label=label, **style)
+            if policy.get("curve"):
+                cv = policy["curve"]
+                ax.plot([p[key] for p in cv], [p["accuracy"] for p in cv], linestyle="-.", marker="s", markersize=4,
+                        color=line.get_color() if line else None, label="cost, gates refitted per alpha on the "
+                        "calibration split")
             if policy.get("per_exit") and kind in ("confidence", "mlp"):
                 pe = policy["per_exit"]
                 ax.plot([p[key] for p in pe], [p["accuracy"] for p in pe], linestyle="--", marker="x",
@@ -191,8 +223,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-on", default=None, metavar="SPLIT",
                    help="also sweep per-exit thresholds calibrated on this split of the data (e.g. val) to desired "
                         "accuracies from 0.5 to 1")
+    p.add_argument("--cost-alphas", type=_alphas, default=COST_ALPHAS, metavar="A,B,...",
+                   help="with --calibrate-on: the alphas the cost policy's gates are refitted for (default "
+                        f"{','.join(map(str, COST_ALPHAS))}; empty = none)")
     p.add_argument("--out", type=Path, required=True, help="folder for frontier.json and frontier.png")
     return p
+
+
+def _alphas(value: str) -> tuple[float, ...]:
+    """argparse type: comma-separated alphas in [0, 1]."""
+    try:
+        alphas = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {value!r}") from None
+    if not all(0 <= a <= 1 for a in alphas):
+        raise argparse.ArgumentTypeError(f"alphas must lie in [0, 1], got {value!r}")
+    return alphas
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                               "e.g. --data synthetic --split test --calibrate-on val")
         held_out = load(args.data, args.calibrate_on, limit=args.limit)
         calib = (held_out.images, held_out.labels)
-    result = frontier(args.bundle, data.images, data.labels, args.points, calib)
+    result = frontier(args.bundle, data.images, data.labels, args.points, calib, args.cost_alphas)
     result["data"] = args.data
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
