@@ -74,7 +74,7 @@ class LocalDeployment:
     def replica_addresses(self) -> dict[str, list[str]]:
         """Each tier's replicas' addresses, by replica index."""
         out: dict[str, list[str]] = {}
-        for p in sorted(self.processes, key=lambda p: p.replica):
+        for p in sorted(self.processes, key=lambda p: (self.tiers.index(p.tier), p.replica)):
             out.setdefault(p.tier, []).append(p.address)
         return out
 
