@@ -57,7 +57,8 @@ class LocalDeployment:
     policy: str | None = None  # stored exit policy every tier should use instead of its active one
     extra_args: dict[str, list[str]] = field(default_factory=dict)  # tier -> more command-line flags
     log_dir: Path | None = None
-    # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy.
+    # Optional hook (tier, next tier's address) -> address the tier should send to, e.g. a measuring proxy. With
+    # replicas the "address" is the ipv4:/ipv6: list of the next tier's replicas.
     link: Callable[[str, str], str] | None = None
     security: Security | None = None  # how to reach the tiers' health service when they speak TLS
     startup_timeout_s: float = 120.0
