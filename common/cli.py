@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,57 @@ def address(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 127.0.0.1:50051, got {value!r}")
     return value
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT`` (an IPv6 host in brackets), or None if it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535 or any(c in host for c in " ,/"):
+        return None
+    return host, int(port)
+
+
+def _ip_version(host: str) -> int | None:
+    """4 or 6 for an IP literal (IPv6 in brackets), None for a name."""
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            return ipaddress.IPv6Address(host[1:-1]).version
+        return ipaddress.IPv4Address(host).version
+    except ValueError:
+        return None
+
+
+def target(value: str) -> str:
+    """argparse type for a gRPC target: ``HOST:PORT``, a comma-separated list of IP ``HOST:PORT`` (returned as the
+    ``ipv4:`` or ``ipv6:`` target gRPC balances over), an ``ipv4:``/``ipv6:`` list, or ``dns:///NAME:PORT``."""
+    bad = (f"expected HOST:PORT, a comma-separated list of IP:PORT, ipv4:/ipv6:IP:PORT,... or dns:///NAME:PORT, "
+           f"got {value!r}")
+    if value.startswith("dns:"):
+        rest = value[len("dns:"):]
+        if rest.startswith("//"):  # dns://[authority]/name:port; the authority (a DNS server) may be empty
+            authority, slash, rest = rest[2:].partition("/")
+            if not slash:
+                raise argparse.ArgumentTypeError(bad)
+        if _host_port(rest) is None:
+            raise argparse.ArgumentTypeError(f"{bad} (a dns: target needs NAME:PORT)")
+        return value
+    scheme, sep, rest = value.partition(":")
+    if scheme in ("ipv4", "ipv6") and sep:
+        hosts = [_host_port(a) for a in rest.split(",")]
+        if not all(hosts) or any(_ip_version(h) != int(scheme[-1]) for h, _ in hosts):
+            raise argparse.ArgumentTypeError(f"{bad} (every address of an {scheme}: list must be an {scheme} IP:PORT)")
+        return value
+    parts = value.split(",")
+    hosts = [_host_port(a) for a in parts]
+    if not all(hosts):
+        raise argparse.ArgumentTypeError(bad)
+    if len(parts) == 1:
+        return value
+    versions = {_ip_version(h) for h, _ in hosts}
+    if None in versions or len(versions) != 1:
+        raise argparse.ArgumentTypeError(f"{bad} (a list must be all IPv4 or all IPv6 addresses; for a name with "
+                                         f"several addresses use dns:///NAME:PORT)")
+    return f"ipv{versions.pop()}:{value}"
 
 
 def port(value: str) -> int:
@@ -49,6 +101,17 @@ def positive_float(value: str) -> float:
 def non_negative_float(value: str) -> float:
     """argparse type for a finite number >= 0."""
     return _checked_number(value, float, lambda x: 0 <= x < float("inf"), "a number >= 0")
+
+
+def tier_counts(value: str) -> dict[str, int]:
+    """argparse type for ``TIER=N,...`` (``edge=2,cloud=3``): a positive count per named tier."""
+    counts = {}
+    for item in value.split(","):
+        tier, sep, n = item.partition("=")
+        if not sep or not tier or not n.isdigit() or int(n) < 1 or tier in counts:
+            raise argparse.ArgumentTypeError(f"expected TIER=N,... with N >= 1, e.g. edge=2,cloud=3, got {value!r}")
+        counts[tier] = int(n)
+    return counts
 
 
 def tier_gates(values: list[str] | None) -> dict:

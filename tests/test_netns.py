@@ -1,7 +1,8 @@
 """Each tier on its own "host": a network namespace with its own address, reachable only over veth links.
 
 device, edge and cloud each run in a namespace of their own; the test (the client) reaches the device over one veth
-pair, the device reaches the edge over another (rate-limited by tc tbf) and the edge the cloud over a third. There
+pair, the device reaches the edge over another (rate-limited by tc tbf) and the edge the cloud over a third. A second
+edge replica has a namespace of its own, linked to the device and to the cloud; the device balances over both edges. There
 is no loopback path between tiers, so the answers crossing real interfaces must equal the in-process ones. Needs
 root and ``ip netns``; skipped with the reason otherwise. Namespaces and links are removed afterwards.
 """
@@ -46,13 +47,14 @@ def _skip_reason() -> str | None:
 
 @pytest.fixture
 def hosts():
-    """Three namespaces linked client - device - edge - cloud; yields {tier: (namespace, address)}."""
+    """Namespaces linked client - device - edge - cloud, and device - edge2 - cloud; yields {tier: (namespace,
+    address)}, with the cloud's address as seen from edge2 under "cloud2"."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     tag = os.getpid() % 100000
     net = f"10.{200 + tag % 50}"
-    names = {t: f"se{tag}{t[0]}" for t in ("device", "edge", "cloud")}
+    names = {t: f"se{tag}{t[0]}{t[-1]}" for t in ("device", "edge", "edge2", "cloud")}
     created = []
     try:
         for ns in names.values():
@@ -62,7 +64,9 @@ def hosts():
         # (namespace of side A or None for ours, address A, namespace B, address B) per link
         links = [(None, f"{net}.0.1", names["device"], f"{net}.0.2"),
                  (names["device"], f"{net}.1.1", names["edge"], f"{net}.1.2"),
-                 (names["edge"], f"{net}.2.1", names["cloud"], f"{net}.2.2")]
+                 (names["edge"], f"{net}.2.1", names["cloud"], f"{net}.2.2"),
+                 (names["device"], f"{net}.3.1", names["edge2"], f"{net}.3.2"),
+                 (names["edge2"], f"{net}.4.1", names["cloud"], f"{net}.4.2")]
         for k, (ns_a, addr_a, ns_b, addr_b) in enumerate(links):
             a, b = f"v{tag}{k}a", f"v{tag}{k}b"
             _ip("ip", "link", "add", a, "type", "veth", "peer", "name", b)
@@ -75,7 +79,8 @@ def hosts():
         _ip("tc", "qdisc", "add", "dev", f"v{tag}1a", "root", "tbf", "rate", "200mbit", "burst", "256kb",
             "latency", "200ms", ns=names["device"])
         yield {"device": (names["device"], f"{net}.0.2"), "edge": (names["edge"], f"{net}.1.2"),
-               "cloud": (names["cloud"], f"{net}.2.2")}
+               "edge2": (names["edge2"], f"{net}.3.2"), "cloud": (names["cloud"], f"{net}.2.2"),
+               "cloud2": (names["cloud"], f"{net}.4.2")}
     finally:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
@@ -86,22 +91,32 @@ def test_tiers_in_separate_namespaces_answer_as_on_loopback(hosts, tiny_bundle, 
     from device.client import run_client
 
     procs = []
-    ports = {"device": 50051, "edge": 50052, "cloud": 50053}
-    nxt = {"device": "edge", "edge": "cloud"}
+    ports = {"device": 50051, "edge": 50052, "edge2": 50052, "cloud": 50053}
+    # The device's next tier is both edge replicas (an ipv4: list); each edge reaches the cloud over its own link.
+    nxt = {"device": f"{hosts['edge'][1]}:50052,{hosts['edge2'][1]}:50052",
+           "edge": f"{hosts['cloud'][1]}:50053", "edge2": f"{hosts['cloud2'][1]}:50053"}
     try:
-        for tier in ("cloud", "edge", "device"):
-            ns, addr = hosts[tier]
+        for name in ("cloud", "edge", "edge2", "device"):
+            ns, addr = hosts[name]
+            tier = name.rstrip("2")
+            listen = f"0.0.0.0:{ports[name]}" if name == "cloud" else f"{addr}:{ports[name]}"  # two links in
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", tier, "--bundle", str(tiny_bundle / tier),
-                   "--listen", f"{addr}:{ports[tier]}", "--grace", "2"]
-            if tier in nxt:
-                cmd += ["--next", f"{hosts[nxt[tier]][1]}:{ports[nxt[tier]]}"]
-            log = open(tmp_path / f"{tier}.log", "wb")
+                   "--listen", listen, "--grace", "2", "--log-level", "DEBUG"]
+            if name in nxt:
+                cmd += ["--next", nxt[name]]
+            log = open(tmp_path / f"{name}.log", "wb")
             env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "PYTHONPATH": str(ROOT)}
             procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
             log.close()
         device = f"{hosts['device'][1]}:{ports['device']}"
-        # The device's health is SERVING only once the edge is, and the edge's only once the cloud is.
+        # The device's health is SERVING only once an edge is, and an edge's only once the cloud is; wait for both
+        # edges too (from the device's namespace they are out of our reach, so their logs say when).
         wait_for_serving(device, TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not all("health: SERVING" in (tmp_path / f"{e}.log").read_text(errors="replace")
+                      for e in ("edge", "edge2")):
+            assert time.monotonic() < deadline, "an edge replica did not start"
+            time.sleep(0.1)
         report = run_client(device, test_slice.images, test_slice.labels, 32, tiny_bundle)
     finally:
         for p in procs:
@@ -113,7 +128,10 @@ def test_tiers_in_separate_namespaces_answer_as_on_loopback(hosts, tiny_bundle, 
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    logs = {t: Path(tmp_path / f"{t}.log").read_text(errors="replace")[-2000:] for t in ports}
-    assert report["prediction_mismatches"] == 0, logs
+    logs = {t: Path(tmp_path / f"{t}.log").read_text(errors="replace") for t in ports}
+    tails = {t: text[-2000:] for t, text in logs.items()}
+    assert report["prediction_mismatches"] == 0, tails
     assert report["degraded"] == 0 and report["samples"] == len(test_slice)
     assert report["exits"]["cloud"] > 0 and report["bytes"]["edge_to_cloud"] > 0
+    served = {e: logs[e].count(" answered") for e in ("edge", "edge2")}
+    assert all(n > 0 for n in served.values()), served  # round robin reached both edge replicas

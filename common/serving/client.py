@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.errors import DownstreamError
+from common.serving.health import REPLICA_HEALTH_SERVICE
 from common.serving.options import (DEFAULT_MAX_MESSAGE_BYTES, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, SERVICE_NAME,
                                     grpc_options)
 from common.serving.runtime import Forwarded
@@ -45,9 +46,27 @@ _DOWNSTREAM = {
 }
 
 
+def service_config() -> dict:
+    """The channel's service config: the retry policy, ``round_robin`` over every address the target resolves to
+    (replicas), and client-side health checking on ``REPLICA_HEALTH_SERVICE``.
+
+    Round robin picks a READY connection per call, so a retry of UNAVAILABLE lands on another replica once the failed
+    one's connection is down. Health checking keeps calls off a replica that is loading or draining; it watches the
+    replica's own readiness, not its next tier's (see ``common.serving.health``), so when every replica's next tier is
+    down, calls still reach a replica, which answers with its own exit. A server without a health service (a plain
+    proxy) answers UNIMPLEMENTED and gRPC then treats it as healthy.
+    """
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": REPLICA_HEALTH_SERVICE},
+        "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}],
+    }
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
-    """Options of a channel to a tier: message limits, the retry policy, keepalive and a short reconnect backoff."""
-    config = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    """Options of a channel to a tier: message limits, the service config (retries, round robin, health checks),
+    keepalive and a short reconnect backoff."""
+    config = service_config()
     return [
         *grpc_options(max_message_bytes),
         ("grpc.enable_retries", 1),

@@ -28,9 +28,22 @@ def message_limit(input_bytes_per_sample: int, output_bytes_per_sample: int, max
     return int(per_sample * max_batch * 1.1) + (1 << 20)
 
 
-def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
-    """Options of a tier's server: message limits, and client keepalive pings at our channels' rate allowed."""
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_connection_age_s: float | None = None,
+                   max_connection_age_grace_s: float | None = None) -> list[tuple[str, object]]:
+    """Options of a tier's server: message limits, client keepalive pings at our channels' rate allowed, and, when
+    given, a maximum connection age.
+
+    A caller re-resolves a ``dns:///`` target only when a connection closes; closing every connection after
+    ``max_connection_age_s`` (gRPC adds a random +-10% jitter) makes callers re-resolve, so replicas added behind a
+    headless Service get traffic. In-flight calls get ``max_connection_age_grace_s`` to finish (default: unlimited).
+    """
+    age = []
+    if max_connection_age_s is not None:
+        age.append(("grpc.max_connection_age_ms", max(1, round(max_connection_age_s * 1e3))))
+    if max_connection_age_grace_s is not None:
+        age.append(("grpc.max_connection_age_grace_ms", round(max_connection_age_grace_s * 1e3)))
     return [
+        *age,
         *grpc_options(max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),

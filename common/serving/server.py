@@ -117,18 +117,20 @@ def describe_tier(m: Manifest, gate_kind: str, gate_params: dict[str, float], ne
 
 def create_server(
     servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    security: Security | None = None,
+    security: Security | None = None, max_connection_age_s: float | None = None,
+    max_connection_age_grace_s: float | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
 
     The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
     Server reflection is enabled so generic gRPC tools can list and call the service. ``security`` adds TLS (mutual
-    with a CA) and the bearer-token check.
+    with a CA) and the bearer-token check. ``max_connection_age_s`` closes connections that old, so callers
+    re-resolve their target and spread over new replicas (see ``server_options``).
     """
     security = security or Security()
     # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
     # ever more large requests in memory.
-    options = server_options(max_message_bytes)
+    options = server_options(max_message_bytes, max_connection_age_s, max_connection_age_grace_s)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
     add_tier_service(servicer, server)

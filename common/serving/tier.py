@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from common.cli import address, non_negative_float, positive_float, positive_int
+from common.cli import address, non_negative_float, positive_float, positive_int, target
 from common.cli import port as port_number
 from common.errors import ConfigError
 from common.model.bundle import Manifest, TierBundle, bundle_folder, load_tier_bundle, read_manifest
@@ -48,7 +48,9 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model and chain")
     g.add_argument("--bundle", type=Path, required=True, help=f"the {tier} bundle folder (or the export root)")
     g.add_argument("--listen", type=address, default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0 = any)")
-    g.add_argument("--next", type=address, default=None, help="HOST:PORT of the next tier (not for the last tier)")
+    g.add_argument("--next", type=target, default=None,
+                   help="the next tier (not for the last tier): HOST:PORT, or its replicas as a comma-separated list "
+                        "of IP:PORT, an ipv4:/ipv6: list or dns:///NAME:PORT (calls are spread round robin)")
     g.add_argument("--policy", default=None, help="use another exit policy stored in the bundle (e.g. mlp, cost)")
     g.add_argument("--gate", default=None, help="override the gate: confidence:T, entropy:T, margin:T, always or never")
     add_plugin_arg(g)
@@ -76,6 +78,11 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
                    help="seconds to drain in-flight requests on SIGTERM")
     g.add_argument("--health-interval", type=positive_float, default=0.5,
                    help="seconds between checks of the next tier's health (default 0.5)")
+    g.add_argument("--max-connection-age", type=positive_float, default=30.0,
+                   help="close callers' connections after about this many seconds, so they re-resolve a dns:/// "
+                        "target and new replicas of this tier get traffic (default 30)")
+    g.add_argument("--max-connection-age-grace", type=non_negative_float, default=10.0,
+                   help="seconds calls in flight on a connection closed for its age may still take (default 10)")
     g.add_argument("--ready-file", type=Path, default=None, help="write the bound HOST:PORT here once serving")
 
     add_link_args(parser.add_argument_group("outgoing link and compute profile"))
@@ -138,7 +145,7 @@ def plan_tier(tier: str, args: argparse.Namespace) -> TierPlan:
     if m.is_last and args.next:
         raise ConfigError(f"the {tier} tier is the last tier and takes no --next")
     if not m.is_last and not args.next:
-        raise ConfigError(f"the {tier} tier forwards declined samples and needs --next HOST:PORT")
+        raise ConfigError(f"the {tier} tier forwards declined samples and needs --next (HOST:PORT or its replicas)")
     limit = message_limit(m.input_bytes_per_sample, m.output_bytes_per_sample, args.max_batch)
     return TierPlan(tier, folder, m, args, security, m.link_codec(wire), link, limit)
 
@@ -164,7 +171,8 @@ class Tier:
         metrics = TierMetrics(plan.tier)
         servicer = TierServicer(None, None, metrics)
         server, port, health_servicer = create_server(servicer, args.listen, args.workers, plan.max_message_bytes,
-                                                      plan.security)
+                                                      plan.security, args.max_connection_age,
+                                                      args.max_connection_age_grace)
         health = TierHealth(health_servicer, HEALTH_SERVICES, has_next=not plan.manifest.is_last)
         server.start()
         return cls(plan, server, port, servicer, health, metrics)
