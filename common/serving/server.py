@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import RequestError
+from common.errors import RequestError, quote
 from common.model.bundle import Manifest
 from common.serving.handling import answer_request
 from common.serving.metrics import TierMetrics
@@ -35,6 +35,16 @@ _CODES = {
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
 
+MAX_STATUS_MESSAGE = 512  # a status message travels in a header: keep it far below clients' metadata limits (8 KiB)
+
+
+def _bounded(message: object) -> str:
+    """A status or log message on one line of at most ``MAX_STATUS_MESSAGE`` characters. Caller strings inside are
+    already quoted (``common.errors.quote``); this is the backstop for everything else."""
+    text = str(message).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= MAX_STATUS_MESSAGE else text[:MAX_STATUS_MESSAGE] + "..."
+
+
 class TierServicer(pb_grpc.TierServicer):
     """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
     call is answered UNAVAILABLE, which callers retry."""
@@ -50,6 +60,7 @@ class TierServicer(pb_grpc.TierServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         t0 = time.perf_counter()
         request, size = received.message, received.nbytes
+        rid = quote(request.request_id)  # the caller's string, escaped and bounded for logs
         try:
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
@@ -57,26 +68,26 @@ class TierServicer(pb_grpc.TierServicer):
         except RequestError as e:
             code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
             self._failed(request.request_id, code, t0)
-            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
-                        extra={"request_id": request.request_id, "code": code.name})
-            context.abort(code, str(e))
+            log.warning("request %s refused: %s: %s", rid, code.name, _bounded(e),
+                        extra={"request_id": rid, "code": code.name})
+            context.abort(code, _bounded(e))
         except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
             self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
-            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            log.exception("request %s failed", rid, extra={"request_id": rid})
+            context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{type(e).__name__}: {e}"))
         seconds = time.perf_counter() - t0
         hop = answer.trace[0]
         if self.metrics is not None:
             self.metrics.observe(answer, size, seconds)
             if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
                 self.metrics.batch_ran(len(answer.predictions))
-        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+        fields = {"request_id": rid, "samples": hop.samples_in, "degraded": hop.samples_degraded,
                   "ms": round(seconds * 1e3, 3)}
         if hop.samples_degraded:
-            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
-                        hop.downstream_error, extra=fields)
+            log.warning("request %s: %d samples answered degraded: %s", rid, hop.samples_degraded,
+                        _bounded(hop.downstream_error), extra=fields)
         else:
-            log.debug("request %s answered", request.request_id, extra=fields)
+            log.debug("request %s answered", rid, extra=fields)
         return messages.reply_from_answer(answer)
 
     def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:

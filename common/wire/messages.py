@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
 
 from common.wire import codecs, tensors
 from common.wire.tensors import TensorLimits
@@ -62,10 +63,18 @@ class Received:
 
     message: pb.InferRequest
     nbytes: int
+    error: str = ""  # why the bytes are not an InferRequest (``message`` is then empty)
 
     @classmethod
     def parse(cls, data: bytes) -> "Received":
-        return cls(pb.InferRequest.FromString(data), len(data))
+        """Parse a request body. Bytes that are not an ``InferRequest`` give a ``Received`` carrying ``error`` instead
+        of raising: gRPC would turn a deserializer's exception into INTERNAL with a logged traceback, where the
+        caller should get INVALID_ARGUMENT and the tier one warning line."""
+        try:
+            return cls(pb.InferRequest.FromString(data), len(data))
+        except DecodeError:
+            return cls(pb.InferRequest(), len(data), f"the request body ({len(data)} bytes) is not a valid "
+                                                      f"splitexit.v1.InferRequest")
 
 
 def batch_from_request(request: pb.InferRequest, limits: TensorLimits = tensors.DEFAULT_LIMITS) -> Batch:
