@@ -12,7 +12,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from common.errors import RequestError, quote
 from common.model.bundle import Manifest
@@ -21,12 +21,14 @@ from common.serving.metrics import TierMetrics
 from common.serving.options import DEFAULT_MAX_MESSAGE_BYTES, NO_DEADLINE_S, SERVICE_NAME, server_options
 from common.serving.runtime import TierRuntime
 from common.serving.security import Security
-from common.wire import messages
+from common.wire import codecs, messages
+from common.wire.tensors import DEFAULT_LIMITS, TensorLimits
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitexit.server")
-HEALTH_SERVICES = ("", SERVICE_NAME)  # the whole server and the Tier service report the same status
+HEALTH_SERVICES = ("", SERVICE_NAME)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"  # the whole server and the Tier service report the same status
 
 _CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
@@ -115,15 +117,39 @@ def add_tier_service(servicer: TierServicer, server: grpc.Server) -> None:
 
 
 def describe_tier(m: Manifest, gate_kind: str, gate_params: dict[str, float], next_tier: str,
-                  policy: str = "", calibration: dict | None = None) -> pb.TierDescription:
-    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs."""
+                  policy: str = "", calibration: dict | None = None, max_batch: int = 0,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  limits: TensorLimits = DEFAULT_LIMITS) -> pb.TierDescription:
+    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs, and
+    what a caller must respect: batch and message limits, tensor limits, the codecs it decodes, its normalisation."""
+    norm = m.normalization or {}
     return pb.TierDescription(
         tier=m.tier, model_id=m.model_id, architecture=m.architecture, stages=m.stages, exit_index=m.exit_index,
         exit_head=json.dumps(m.exit_head), gate_kind=gate_kind, gate_params=gate_params, input_shape=m.input_shape,
         input_dtype=m.input_dtype, next_tier=next_tier, segment_flops=m.segment_flops, head_flops=m.head_flops,
         full_network_flops=m.full_network_flops, class_names=m.class_names, tiers=m.tiers, policy=policy,
         calibration=json.dumps(calibration or {}, sort_keys=True),
+        max_batch=max_batch, max_message_bytes=max_message_bytes,
+        tensor_limits=pb.TensorLimits(max_rank=limits.max_rank, max_dim=limits.max_dim,
+                                      max_elements=limits.max_elements, max_decoded_bytes=limits.max_decoded_bytes),
+        codecs=codecs.ACCEPTED_CODECS, compressions=[c for c in codecs.COMPRESSIONS if c],
+        input_mean=norm.get("mean", ()), input_std=norm.get("std", ()),
     )
+
+
+def add_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Server reflection as ``grpc.reflection.v1`` (what current tools ask for first) and ``v1alpha`` (older tools).
+
+    grpcio-reflection 1.85 ships only the v1alpha module. The v1 protocol is the same messages under a new package
+    name (identical field numbers), so v1 is served by the same servicer with the v1alpha message classes."""
+    servicer = reflection.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
 
 
 def create_server(
@@ -147,7 +173,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
         credentials = security.server_credentials()
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

@@ -186,7 +186,8 @@ class Tier:
                               self.forward, compute_scale=args.compute_scale,
                               on_downstream_failure=args.on_downstream_failure)
         kind, params = runtime.gate.kind, scalar_params(runtime.gate)
-        self.servicer.description = describe_tier(bundle.manifest, kind, params, args.next or "", policy, calibration)
+        self.servicer.description = describe_tier(bundle.manifest, kind, params, args.next or "", policy, calibration,
+                                                  args.max_batch, plan.max_message_bytes)
         if args.max_queue_delay_ms > 0:
             self.batcher = DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers,
                                           on_batch=self.metrics.batch_ran)

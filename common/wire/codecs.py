@@ -33,6 +33,7 @@ from proto import splitexit_pb2 as pb
 
 ELEMENT_CODECS = ("float32", "float16", "int8", "int8-tensor")
 COMPRESSIONS = ("", "zlib")
+ACCEPTED_CODECS = ("raw", "float16", "int8")  # Tensor.codec values ``decode`` reads ("" means "raw")
 _WIRE_ITEMSIZE = {"float16": 2, "int8": 1}
 _F16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -197,7 +198,7 @@ def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tenso
             raise InvalidRequest(f"codec {quote(name)} carries float32 tensors, not {quote(dtype)}")
         itemsize = _WIRE_ITEMSIZE[name]
     else:
-        raise InvalidRequest(f"unknown tensor codec {quote(name)}; this tier accepts: raw, float16, int8")
+        raise InvalidRequest(f"unknown tensor codec {quote(name)}; this tier accepts: {', '.join(ACCEPTED_CODECS)}")
     n = limits.check_shape(shape)
     data = msg.data
     if compression:
