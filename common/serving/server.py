@@ -28,7 +28,8 @@ from proto import splitexit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitexit.server")
 HEALTH_SERVICES = ("", SERVICE_NAME)
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"  # the whole server and the Tier service report the same status
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+MAX_CALLS_PER_WORKER = 4  # the whole server and the Tier service report the same status
 
 _CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
@@ -154,20 +155,28 @@ def add_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
 
 def create_server(
     servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    security: Security | None = None,
+    security: Security | None = None, max_streams_per_connection: int | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
 
     The standard health service starts as NOT_SERVING; the caller flips it to SERVING once the server is started.
     Server reflection is enabled so generic gRPC tools can list and call the service. ``security`` adds TLS (mutual
     with a CA) and the bearer-token check.
+
+    A call holds one of the ``max_workers`` threads from its headers until its reply, waiting for its body included.
+    So that one connection cannot hold them all (a peer opening calls and never sending their bodies), one
+    connection gets at most ``max_streams_per_connection`` concurrent calls (default: half the workers; HTTP/2
+    clients queue the rest), and the health service always finds a free worker.
     """
     security = security or Security()
-    # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
-    # ever more large requests in memory.
-    options = server_options(max_message_bytes)
+    streams = max_streams_per_connection or max(1, max_workers // 2)
+    # Bound the calls admitted at once: past MAX_CALLS_PER_WORKER x workers, gRPC answers RESOURCE_EXHAUSTED instead
+    # of buffering ever more large requests in memory. Well above the workers, because a slot is freed only after
+    # the reply is sent: clients that each keep one call in flight must never see the limit.
+    options = [*server_options(max_message_bytes), ("grpc.max_concurrent_streams", streams)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
+                         maximum_concurrent_rpcs=MAX_CALLS_PER_WORKER * max_workers,
+                         interceptors=security.interceptors())
     add_tier_service(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
