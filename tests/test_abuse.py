@@ -245,3 +245,64 @@ def test_with_dynamic_batching_an_overflowing_request_fails_alone():
             assert len(good.result(timeout=10).predictions) == 2
     finally:
         batcher.close()
+
+
+# 10. A fuzz of the classes above, mixed ----------------------------------------------------------------------------
+
+def _hostile(rng) -> bytes:
+    """A request drawn from the abuse classes above: compressed payloads of any declared shape (zero dims, bombs,
+    trailing bytes), int8 with any scale count, long or control-character strings, huge finite values, garbage."""
+    import random as _random  # noqa: F401  (rng is a random.Random)
+    n = rng.randint(0, 3)
+    shape = [n, *rng.choice([[2], [0], [2, 1], [0, 4, 4], [1 << 20]])]
+    values = rng.choice([1.0, 3e38, -3e38, 1e-38])
+    x = torch.full((n, 2), values)
+    r = pb.InferRequest(request_id=rng.choice(["r", "r\nforged", "x" * 300, "\x00\x1b[31m"]),
+                        model_id=rng.choice(["m1", "m1", "m" * 20_000, "m1\n"]), sample_ids=list(range(n)),
+                        tensor=codecs.encode(x, rng.choice([WireCodec(), WireCodec("int8"), WireCodec("float16")])))
+    pick = rng.randrange(6)
+    if pick == 0:  # compression with an arbitrary declared shape
+        del r.tensor.shape[:]
+        r.tensor.shape.extend(shape)
+        r.tensor.compression = "zlib"
+        r.tensor.data = zlib.compress(bytes(rng.choice([0, 8, 1 << 16, 1 << 22])))
+    elif pick == 1:  # trailing bytes or a truncated stream
+        r.tensor.compression = "zlib"
+        body = zlib.compress(r.tensor.data)
+        r.tensor.data = body + b"x" * rng.randint(1, 9) if rng.random() < 0.5 else body[:-rng.randint(1, 4)]
+    elif pick == 2:  # int8 with any number of scales
+        r.tensor.codec, r.tensor.dtype = "int8", "float32"
+        del r.tensor.scale[:], r.tensor.zero_point[:]
+        k = rng.randint(0, 3)
+        r.tensor.scale.extend([rng.choice([1.0, 0.0, float("nan")])] * k)
+        r.tensor.zero_point.extend([0.0] * k)
+    elif pick == 3:  # long strings in every string field of the tensor
+        setattr(r.tensor, rng.choice(["dtype", "codec", "compression"]), "q\n" * rng.randint(1, 20_000))
+    elif pick == 4:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 200)))
+    return r.SerializeToString()
+
+
+def test_hostile_mix_never_gets_internal_and_stays_bounded(served, caplog):
+    import random
+
+    infer, _ = served
+    rng = random.Random(20261204)
+    codes: dict[str, int] = {}
+    with caplog.at_level(logging.INFO):
+        for _ in range(600):
+            try:
+                infer(_hostile(rng), timeout=10)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+                assert len(e.details()) <= 520 and "\n" not in e.details(), e.details()[:200]
+            codes[code] = codes.get(code, 0) + 1
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION"}, codes
+    assert codes.get("INVALID_ARGUMENT", 0) > 100, codes
+    assert [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert all(len(r.getMessage()) < 1200 and "\n" not in r.getMessage() for r in caplog.records)
+    reply = pb.InferReply.FromString(infer(pb.InferRequest(request_id="ok", model_id="m1", sample_ids=[1],
+                                                           tensor=codecs.encode(torch.ones(1, 2))).SerializeToString(),
+                                           timeout=10))
+    assert len(reply.predictions) == 1
