@@ -19,7 +19,7 @@ from common.model.bundle import Manifest
 from common.serving.handling import answer_request
 from common.serving.metrics import TierMetrics
 from common.serving.options import DEFAULT_MAX_MESSAGE_BYTES, NO_DEADLINE_S, SERVICE_NAME, server_options
-from common.serving.runtime import TierRuntime
+from common.serving.runtime import MAX_REQUEST_ID, TierRuntime
 from common.serving.security import Security
 from common.wire import codecs, messages
 from common.wire.tensors import DEFAULT_LIMITS, TensorLimits
@@ -63,7 +63,8 @@ class TierServicer(pb_grpc.TierServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         t0 = time.perf_counter()
         request, size = received.message, received.nbytes
-        rid = quote(request.request_id)  # the caller's string, escaped and bounded for logs
+        rid = quote(request.request_id)  # the caller's string, escaped and bounded for log messages
+        raw_id = request.request_id[:MAX_REQUEST_ID]  # JSON log fields escape it themselves
         try:
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
@@ -72,11 +73,11 @@ class TierServicer(pb_grpc.TierServicer):
             code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
             self._failed(request.request_id, code, t0)
             log.warning("request %s refused: %s: %s", rid, code.name, _bounded(e),
-                        extra={"request_id": rid, "code": code.name})
+                        extra={"request_id": raw_id, "code": code.name})
             context.abort(code, _bounded(e))
         except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
             self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
-            log.exception("request %s failed", rid, extra={"request_id": rid})
+            log.exception("request %s failed", rid, extra={"request_id": raw_id})
             context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{type(e).__name__}: {e}"))
         seconds = time.perf_counter() - t0
         hop = answer.trace[0]
@@ -84,7 +85,7 @@ class TierServicer(pb_grpc.TierServicer):
             self.metrics.observe(answer, size, seconds)
             if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
                 self.metrics.batch_ran(len(answer.predictions))
-        fields = {"request_id": rid, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+        fields = {"request_id": raw_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
                   "ms": round(seconds * 1e3, 3)}
         if hop.samples_degraded:
             log.warning("request %s: %d samples answered degraded: %s", rid, hop.samples_degraded,
