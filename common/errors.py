@@ -34,3 +34,16 @@ class DownstreamError(RequestError):
     def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
         super().__init__(message)
         self.code = code
+
+
+QUOTE_LIMIT = 64
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A caller-supplied string as it may appear in a status message or a log line: escaped like ``repr`` (so a
+    newline cannot start a forged log line) and cut to ``limit`` characters (so a 1 MiB dtype cannot blow up a reply's
+    metadata or a log). Every place that quotes a caller's string uses this one helper."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

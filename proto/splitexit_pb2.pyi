@@ -101,7 +101,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierDescription(_message.Message):
-    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers", "policy", "calibration")
+    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers", "policy", "calibration", "max_batch", "max_message_bytes", "tensor_limits", "codecs", "compressions", "input_mean", "input_std")
     class GateParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,13 @@ class TierDescription(_message.Message):
     TIERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    INPUT_STD_FIELD_NUMBER: _ClassVar[int]
     tier: str
     model_id: str
     architecture: str
@@ -145,4 +152,23 @@ class TierDescription(_message.Message):
     tiers: _containers.RepeatedScalarFieldContainer[str]
     policy: str
     calibration: str
-    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., calibration: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    max_message_bytes: int
+    tensor_limits: TensorLimits
+    codecs: _containers.RepeatedScalarFieldContainer[str]
+    compressions: _containers.RepeatedScalarFieldContainer[str]
+    input_mean: _containers.RepeatedScalarFieldContainer[float]
+    input_std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., calibration: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., tensor_limits: _Optional[_Union[TensorLimits, _Mapping]] = ..., codecs: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., input_mean: _Optional[_Iterable[float]] = ..., input_std: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TensorLimits(_message.Message):
+    __slots__ = ("max_rank", "max_dim", "max_elements", "max_decoded_bytes")
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_DIM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DECODED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_rank: int
+    max_dim: int
+    max_elements: int
+    max_decoded_bytes: int
+    def __init__(self, max_rank: _Optional[int] = ..., max_dim: _Optional[int] = ..., max_elements: _Optional[int] = ..., max_decoded_bytes: _Optional[int] = ...) -> None: ...

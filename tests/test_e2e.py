@@ -157,7 +157,7 @@ def test_bad_requests_get_clear_status_codes_and_the_tier_keeps_serving(deployme
     expect(_request(info.model_id, images.float()), grpc.StatusCode.FAILED_PRECONDITION, "uint8")
     expect(_request(info.model_id, images[:, :, :16]), grpc.StatusCode.FAILED_PRECONDITION, "shape")
     expect(_request(info.model_id, images, ids=[1, 1, 2, 3]), grpc.StatusCode.INVALID_ARGUMENT, "duplicate")
-    expect(pb.InferRequest(model_id=info.model_id), grpc.StatusCode.INVALID_ARGUMENT, "no tensor")
+    expect(pb.InferRequest(model_id=info.model_id, sample_ids=[0]), grpc.StatusCode.INVALID_ARGUMENT, "no tensor")
     # The edge refuses raw images: it takes the device's features.
     edge = stub_for(deployment.addresses["edge"])
     with pytest.raises(grpc.RpcError) as err:

@@ -81,7 +81,7 @@ def test_messages_carry_the_codec_and_decoding_is_deterministic():
                                     torch.randn(3, 4).to(torch.bfloat16)], ids=["features", "strided", "empty",
                                                                                   "images", "bfloat16"])
 def test_requests_serialized_with_one_copy_parse_as_the_plain_message(tensor, wire):
-    """encode_request appends the tensor's data as a second occurrence of the tensor field: a standard parser must
+    """encode_request writes the tensor field once by hand, its data last: a standard parser must
     read exactly the message built field by field, and the receiver must decode the same tensor."""
     batch = Batch("r-1", "m", list(range(10, 10 + tensor.shape[0])), tensor, queued_s=0.25)
     payload = messages.encode_request(batch, wire)
@@ -89,7 +89,7 @@ def test_requests_serialized_with_one_copy_parse_as_the_plain_message(tensor, wi
                             tensor=codecs.encode(tensor, wire))
     received = messages.Received.parse(payload)
     assert received.message == plain and received.nbytes == len(payload)
-    assert plain.ByteSize() <= len(payload) <= plain.ByteSize() + 8  # one more tag and length, nothing else
+    assert plain.ByteSize() <= len(payload) <= plain.ByteSize() + 2  # the same fields (an empty data field at most)
     decoded = messages.batch_from_request(received.message).tensor
     assert torch.equal(decoded, messages.batch_from_request(plain).tensor)
     if wire.name == "float32" or not tensor.is_floating_point():

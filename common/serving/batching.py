@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from common.errors import InvalidRequest
 from common.wire.batch import Answer, Batch
 from common.serving.runtime import TierRuntime
 
@@ -92,6 +93,9 @@ class DynamicBatcher:
                          for i in range(workers)]
         for t in self._threads:
             t.start()
+
+    def check_header(self, request_id: str, model_id: str, sample_ids) -> None:
+        self.runtime.check_header(request_id, model_id, sample_ids)
 
     def process(self, batch: Batch, bytes_received: int = 0) -> Answer:
         """Answer ``batch`` (blocking), possibly as part of a larger batch."""
@@ -168,7 +172,11 @@ class DynamicBatcher:
                                queued)
                 # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at
                 # most max_batch samples), so the merged tensor is not scanned a second time.
-                answer = self.runtime.run_validated(merged, sum(p.bytes_received for p in group))
+                try:
+                    answer = self.runtime.run_validated(merged, sum(p.bytes_received for p in group))
+                except InvalidRequest:  # some part's values overflow the segment: find whose, fail only that
+                    self._run_apart(group, queued)
+                    return
                 self._ran(n)
                 for p, a in zip(group, split_answer(answer, [(p.batch, p.bytes_received) for p in group], offsets)):
                     p.answer = a
@@ -178,6 +186,16 @@ class DynamicBatcher:
         finally:
             for p in group:
                 p.done.set()
+
+    def _run_apart(self, group: list[_Pending], queued: float) -> None:
+        """Run each request of a merged batch that failed on its own, so one bad request never fails the others."""
+        for p in group:
+            p.batch.queued_s = queued
+            try:
+                p.answer = self.runtime.run_validated(p.batch, p.bytes_received)
+                self._ran(len(p.batch.sample_ids))
+            except BaseException as e:
+                p.error = e
 
     def _ran(self, samples: int) -> None:
         self.batch_sizes[samples] += 1

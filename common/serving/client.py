@@ -130,6 +130,9 @@ class NextTierClient:
         except grpc.RpcError as e:
             raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
                                   _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
+        except ValueError:  # "Cannot invoke RPC on closed channel!": this tier is shutting down
+            raise DownstreamError(f"the channel to next tier {self.target} is closed (shutting down)",
+                                  "UNAVAILABLE") from None
         size = len(request)
         link_ms = emulate_link(self.link, size, reply.ByteSize())
         return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from common.errors import InvalidRequest
 from common.serving.runtime import TierRuntime
 from common.wire.batch import Answer
 from common.wire.messages import Received, batch_from_request
@@ -15,7 +16,12 @@ def answer_request(runtime: TierRuntime, received: Received, deadline: float | N
     """Decode the received request, let ``runtime`` answer it, and stamp this tier's hop with decode and handling
     time. ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on."""
     start = time.perf_counter()
-    batch = batch_from_request(received.message)
+    if received.error:
+        raise InvalidRequest(received.error)
+    request = received.message
+    # Everything that needs no tensor first: a request that is refused anyway is never decoded (or inflated).
+    runtime.check_header(request.request_id, request.model_id, request.sample_ids)
+    batch = batch_from_request(request)
     batch.deadline = deadline
     decoded = time.perf_counter()
     answer = runtime.process(batch, bytes_received=received.nbytes)

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from common.errors import DownstreamError, InvalidRequest, PreconditionFailed
+from common.errors import DownstreamError, InvalidRequest, PreconditionFailed, quote
 from common.model.bundle import Manifest
 from common.model.gates import ConstantGate, Gate, softmax_stats
 from common.wire.batch import Answer, Batch, Hop, Prediction
-from common.wire.tensors import DTYPES
+from common.wire.tensors import DTYPES, dtype_name
 
 
 @dataclass
@@ -89,20 +89,26 @@ class TierRuntime:
         # Emulate a slower (or faster-looking) machine: compute is stretched to compute_scale x the measured time.
         self.compute_scale = compute_scale
 
-    def validate(self, batch: Batch) -> None:
-        """Raise ``InvalidRequest`` / ``PreconditionFailed`` when ``batch`` cannot be served by this tier."""
+    def check_header(self, request_id: str, model_id: str, sample_ids) -> None:
+        """The checks that need no tensor: run before decoding (and so before any decompression), cheapest first."""
         s = self.spec
-        if len(batch.request_id) > MAX_REQUEST_ID:  # ids end up in logs and traces: keep them short
-            raise InvalidRequest(f"request id of {len(batch.request_id)} characters; the limit is {MAX_REQUEST_ID}")
-        if batch.model_id != s.model_id:
-            raise PreconditionFailed(f"model id {batch.model_id!r} does not match this tier's model {s.model_id!r}")
-        n = len(batch.sample_ids)
+        if len(request_id) > MAX_REQUEST_ID:  # ids end up in logs and traces: keep them short
+            raise InvalidRequest(f"request id of {len(request_id)} characters; the limit is {MAX_REQUEST_ID}")
+        if model_id != s.model_id:
+            raise PreconditionFailed(f"model id {quote(model_id)} does not match this tier's model {quote(s.model_id)}")
+        n = len(sample_ids)
         if n == 0:
             raise InvalidRequest("empty batch: a request needs at least one sample")
         if n > s.max_batch:
             raise InvalidRequest(f"batch of {n} samples exceeds this tier's limit of {s.max_batch}")
-        if len(set(batch.sample_ids)) != n:
+        if len(set(sample_ids)) != n:
             raise InvalidRequest("duplicate sample ids in the request")
+
+    def validate(self, batch: Batch) -> None:
+        """Raise ``InvalidRequest`` / ``PreconditionFailed`` when ``batch`` cannot be served by this tier."""
+        s = self.spec
+        self.check_header(batch.request_id, batch.model_id, batch.sample_ids)
+        n = len(batch.sample_ids)
         x = batch.tensor
         if x.dim() == 0 or x.shape[0] != n:
             raise InvalidRequest(f"{n} sample ids but the tensor's first dimension is {tuple(x.shape)[:1]}")
@@ -111,7 +117,8 @@ class TierRuntime:
                 f"tier {s.tier!r} takes per-sample shape {list(s.input_shape)}, got {list(x.shape[1:])}"
             )
         if x.dtype != s.input_dtype:
-            raise PreconditionFailed(f"tier {s.tier!r} takes {s.input_dtype} tensors, got {x.dtype}")
+            raise PreconditionFailed(f"tier {s.tier!r} takes {dtype_name(s.input_dtype)} tensors, got "
+                                     f"{dtype_name(x.dtype)}")
         if x.is_floating_point() and not all_finite(x):
             raise InvalidRequest("tensor contains NaN or Inf values")
 
@@ -127,6 +134,8 @@ class TierRuntime:
         start = time.perf_counter()
         with torch.inference_mode():
             features, logits = self.segment(batch.tensor)
+            if not all_finite(logits):
+                raise _out_of_range(s.tier, "exit head")
             stats = softmax_stats(logits)
             exits = self.gate(logits, stats).to(torch.bool)
         compute_ms = (time.perf_counter() - start) * 1e3
@@ -147,6 +156,10 @@ class TierRuntime:
         if rest:
             # Everyone going on (a never gate, a hard batch) needs no gathered copy of the features.
             onward_features = features if len(rest) == len(ids) else features[rest]
+            if onward_features.is_floating_point() and not all_finite(onward_features):
+                # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent on,
+                # the next tier would refuse them, and the caller would see a broken deployment instead.
+                raise _out_of_range(s.tier, "segment")
             onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest], onward_features,
                            batch.deadline, batch.queued_s)
             t0 = time.perf_counter()
@@ -172,3 +185,7 @@ class TierRuntime:
             by_id.update((p.sample_id, p) for p in forwarded.answer.predictions)
             trace += forwarded.answer.trace
         return Answer(batch.request_id, [by_id[i] for i in ids], trace)
+
+
+def _out_of_range(tier: str, part: str) -> InvalidRequest:
+    return InvalidRequest(f"input values out of range: the {tier} tier's {part} overflows to NaN or Inf on them")

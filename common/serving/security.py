@@ -61,10 +61,13 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request, context):
+        def deny(request_iterator, context):  # never reads the body: refused as soon as the headers are in
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        # A stream-unary handler is given the request iterator instead of a request read in advance, so a caller
+        # without the token that never sends a body holds no worker thread waiting for it. The wire format of a
+        # refusal does not depend on the handler's kind.
+        self._deny = grpc.stream_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(OPEN_SERVICES):

@@ -12,21 +12,24 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from common.errors import RequestError
+from common.errors import RequestError, quote
 from common.model.bundle import Manifest
 from common.serving.handling import answer_request
 from common.serving.metrics import TierMetrics
 from common.serving.options import DEFAULT_MAX_MESSAGE_BYTES, NO_DEADLINE_S, SERVICE_NAME, server_options
-from common.serving.runtime import TierRuntime
+from common.serving.runtime import MAX_REQUEST_ID, TierRuntime
 from common.serving.security import Security
-from common.wire import messages
+from common.wire import codecs, messages
+from common.wire.tensors import DEFAULT_LIMITS, TensorLimits
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitexit.server")
-HEALTH_SERVICES = ("", SERVICE_NAME)  # the whole server and the Tier service report the same status
+HEALTH_SERVICES = ("", SERVICE_NAME)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+MAX_CALLS_PER_WORKER = 4  # the whole server and the Tier service report the same status
 
 _CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
@@ -34,6 +37,16 @@ _CODES = {
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
+
+MAX_STATUS_MESSAGE = 512  # a status message travels in a header: keep it far below clients' metadata limits (8 KiB)
+
+
+def _bounded(message: object) -> str:
+    """A status or log message on one line of at most ``MAX_STATUS_MESSAGE`` characters. Caller strings inside are
+    already quoted (``common.errors.quote``); this is the backstop for everything else."""
+    text = str(message).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= MAX_STATUS_MESSAGE else text[:MAX_STATUS_MESSAGE] + "..."
+
 
 class TierServicer(pb_grpc.TierServicer):
     """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
@@ -50,6 +63,8 @@ class TierServicer(pb_grpc.TierServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         t0 = time.perf_counter()
         request, size = received.message, received.nbytes
+        rid = quote(request.request_id)  # the caller's string, escaped and bounded for log messages
+        raw_id = request.request_id[:MAX_REQUEST_ID]  # JSON log fields escape it themselves
         try:
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
@@ -57,26 +72,26 @@ class TierServicer(pb_grpc.TierServicer):
         except RequestError as e:
             code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
             self._failed(request.request_id, code, t0)
-            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
-                        extra={"request_id": request.request_id, "code": code.name})
-            context.abort(code, str(e))
+            log.warning("request %s refused: %s: %s", rid, code.name, _bounded(e),
+                        extra={"request_id": raw_id, "code": code.name})
+            context.abort(code, _bounded(e))
         except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
             self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
-            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            log.exception("request %s failed", rid, extra={"request_id": raw_id})
+            context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{type(e).__name__}: {e}"))
         seconds = time.perf_counter() - t0
         hop = answer.trace[0]
         if self.metrics is not None:
             self.metrics.observe(answer, size, seconds)
             if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
                 self.metrics.batch_ran(len(answer.predictions))
-        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+        fields = {"request_id": raw_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
                   "ms": round(seconds * 1e3, 3)}
         if hop.samples_degraded:
-            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
-                        hop.downstream_error, extra=fields)
+            log.warning("request %s: %d samples answered degraded: %s", rid, hop.samples_degraded,
+                        _bounded(hop.downstream_error), extra=fields)
         else:
-            log.debug("request %s answered", request.request_id, extra=fields)
+            log.debug("request %s answered", rid, extra=fields)
         return messages.reply_from_answer(answer)
 
     def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:
@@ -104,21 +119,45 @@ def add_tier_service(servicer: TierServicer, server: grpc.Server) -> None:
 
 
 def describe_tier(m: Manifest, gate_kind: str, gate_params: dict[str, float], next_tier: str,
-                  policy: str = "", calibration: dict | None = None) -> pb.TierDescription:
-    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs."""
+                  policy: str = "", calibration: dict | None = None, max_batch: int = 0,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  limits: TensorLimits = DEFAULT_LIMITS) -> pb.TierDescription:
+    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs, and
+    what a caller must respect: batch and message limits, tensor limits, the codecs it decodes, its normalisation."""
+    norm = m.normalization or {}
     return pb.TierDescription(
         tier=m.tier, model_id=m.model_id, architecture=m.architecture, stages=m.stages, exit_index=m.exit_index,
         exit_head=json.dumps(m.exit_head), gate_kind=gate_kind, gate_params=gate_params, input_shape=m.input_shape,
         input_dtype=m.input_dtype, next_tier=next_tier, segment_flops=m.segment_flops, head_flops=m.head_flops,
         full_network_flops=m.full_network_flops, class_names=m.class_names, tiers=m.tiers, policy=policy,
         calibration=json.dumps(calibration or {}, sort_keys=True),
+        max_batch=max_batch, max_message_bytes=max_message_bytes,
+        tensor_limits=pb.TensorLimits(max_rank=limits.max_rank, max_dim=limits.max_dim,
+                                      max_elements=limits.max_elements, max_decoded_bytes=limits.max_decoded_bytes),
+        codecs=codecs.ACCEPTED_CODECS, compressions=[c for c in codecs.COMPRESSIONS if c],
+        input_mean=norm.get("mean", ()), input_std=norm.get("std", ()),
     )
+
+
+def add_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Server reflection as ``grpc.reflection.v1`` (what current tools ask for first) and ``v1alpha`` (older tools).
+
+    grpcio-reflection 1.85 ships only the v1alpha module. The v1 protocol is the same messages under a new package
+    name (identical field numbers), so v1 is served by the same servicer with the v1alpha message classes."""
+    servicer = reflection.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
 
 
 def create_server(
     servicer: TierServicer, address: str, max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     security: Security | None = None, max_connection_age_s: float | None = None,
-    max_connection_age_grace_s: float | None = None,
+    max_connection_age_grace_s: float | None = None, max_streams_per_connection: int | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build (but do not start) a server for ``servicer`` on ``address``; return it, the bound port and its health.
 
@@ -126,19 +165,28 @@ def create_server(
     Server reflection is enabled so generic gRPC tools can list and call the service. ``security`` adds TLS (mutual
     with a CA) and the bearer-token check. ``max_connection_age_s`` closes connections that old, so callers
     re-resolve their target and spread over new replicas (see ``server_options``).
+
+    A call holds one of the ``max_workers`` threads from its headers until its reply, waiting for its body included.
+    So that one connection cannot hold them all (a peer opening calls and never sending their bodies), one
+    connection gets at most ``max_streams_per_connection`` concurrent calls (default: half the workers; HTTP/2
+    clients queue the rest), and the health service always finds a free worker.
     """
     security = security or Security()
-    # Bound the queue: past 2 x workers concurrent calls, gRPC answers RESOURCE_EXHAUSTED instead of buffering
-    # ever more large requests in memory.
-    options = server_options(max_message_bytes, max_connection_age_s, max_connection_age_grace_s)
+    streams = max_streams_per_connection or max(1, max_workers // 2)
+    # Bound the calls admitted at once: past MAX_CALLS_PER_WORKER x workers, gRPC answers RESOURCE_EXHAUSTED instead
+    # of buffering ever more large requests in memory. Well above the workers, because a slot is freed only after
+    # the reply is sent: clients that each keep one call in flight must never see the limit.
+    options = [*server_options(max_message_bytes, max_connection_age_s, max_connection_age_grace_s),
+               ("grpc.max_concurrent_streams", streams)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
-                         maximum_concurrent_rpcs=2 * max_workers, interceptors=security.interceptors())
+                         maximum_concurrent_rpcs=MAX_CALLS_PER_WORKER * max_workers,
+                         interceptors=security.interceptors())
     add_tier_service(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
         credentials = security.server_credentials()
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

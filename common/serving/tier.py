@@ -64,6 +64,9 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
                    help="with dynamic batching: merged batches in flight at once (default 2)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     g.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
+    g.add_argument("--max-streams-per-connection", type=positive_int, default=None,
+                   help="concurrent calls one client connection may have (default: half of --workers), so that no "
+                        "single connection can hold every worker")
     g.add_argument("--return-freed-memory", action="store_true",
                    help="give freed activation memory back to the OS after each request and keep one allocator "
                         "arena per thread (glibc's defaults; slower: requests page-fault their tensors in again)")
@@ -172,7 +175,7 @@ class Tier:
         servicer = TierServicer(None, None, metrics)
         server, port, health_servicer = create_server(servicer, args.listen, args.workers, plan.max_message_bytes,
                                                       plan.security, args.max_connection_age,
-                                                      args.max_connection_age_grace)
+                                                      args.max_connection_age_grace, args.max_streams_per_connection)
         health = TierHealth(health_servicer, HEALTH_SERVICES, has_next=not plan.manifest.is_last)
         server.start()
         return cls(plan, server, port, servicer, health, metrics)
@@ -194,7 +197,8 @@ class Tier:
                               self.forward, compute_scale=args.compute_scale,
                               on_downstream_failure=args.on_downstream_failure)
         kind, params = runtime.gate.kind, scalar_params(runtime.gate)
-        self.servicer.description = describe_tier(bundle.manifest, kind, params, args.next or "", policy, calibration)
+        self.servicer.description = describe_tier(bundle.manifest, kind, params, args.next or "", policy, calibration,
+                                                  args.max_batch, plan.max_message_bytes)
         if args.max_queue_delay_ms > 0:
             self.batcher = DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers,
                                           on_batch=self.metrics.batch_ran)

@@ -28,11 +28,12 @@ import torch
 
 from common.wire import tensors
 from common.wire.tensors import DEFAULT_LIMITS, TensorLimits
-from common.errors import ConfigError, InvalidRequest
+from common.errors import ConfigError, InvalidRequest, quote
 from proto import splitexit_pb2 as pb
 
 ELEMENT_CODECS = ("float32", "float16", "int8", "int8-tensor")
 COMPRESSIONS = ("", "zlib")
+ACCEPTED_CODECS = ("raw", "float16", "int8")  # Tensor.codec values ``decode`` reads ("" means "raw")
 _WIRE_ITEMSIZE = {"float16": 2, "int8": 1}
 _F16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -111,13 +112,11 @@ def link_args(wire: WireCodec | None, link=None) -> list[str]:
 
 def _affine_params(x: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(scale, zero_point)`` per channel (dim 1) or for the whole tensor; 0.0 always in range."""
-    if per_channel and x.dim() >= 2:
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-    else:
-        flat = x.reshape(1, -1)
-    if flat.shape[1] == 0:
-        ones = torch.ones(flat.shape[0])
-        return ones, torch.zeros(flat.shape[0])
+    per_channel = per_channel and x.dim() >= 2
+    if x.numel() == 0:  # no elements: neutral pairs, at least one (a receiver needs at least one scale)
+        ones = torch.ones(max(x.shape[1], 1) if per_channel else 1)
+        return ones, torch.zeros(len(ones))
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1) if per_channel else x.reshape(1, -1)
     lo = flat.amin(1).clamp(max=0.0)
     hi = flat.amax(1).clamp(min=0.0)
     scale = ((hi - lo) / 255.0).to(torch.float32)
@@ -158,23 +157,27 @@ def encode_parts(tensor: torch.Tensor, wire: WireCodec = FLOAT32) -> tuple[pb.Te
             data = tensors.byte_view(q.numpy())
             msg.scale.extend(scale.tolist())
             msg.zero_point.extend(zero_point.tolist())
-    if wire.compression == "zlib":
+    if wire.compression == "zlib" and x.numel() > 0:  # nothing to compress; receivers refuse empty compressed data
         data = zlib.compress(data, wire.level)
         msg.compression = "zlib"
     return msg, data
 
 
 def _inflate(data: bytes, expected: int) -> bytes:
-    """zlib-decompress ``data`` into exactly ``expected`` bytes, never producing more than that."""
+    """zlib-decompress ``data`` into exactly ``expected`` bytes, never producing more than ``expected + 1`` (enough
+    to tell that it would inflate to more), and refuse anything after the end of the compressed stream."""
     inflater = zlib.decompressobj()
     try:
-        out = inflater.decompress(data, expected)
-        if inflater.unconsumed_tail:
-            raise InvalidRequest(f"compressed tensor data inflates to more than the {expected} bytes its shape needs")
+        out = inflater.decompress(data, expected + 1)  # max_length 0 would mean "unlimited": never pass it
     except zlib.error as e:
         raise InvalidRequest(f"compressed tensor data is corrupt: {e}") from None
-    if len(out) != expected or not inflater.eof:
+    if len(out) > expected:
+        raise InvalidRequest(f"compressed tensor data inflates to more than the {expected} bytes its shape needs")
+    if not inflater.eof or len(out) != expected:
         raise InvalidRequest(f"compressed tensor data inflates to {len(out)} bytes but its shape needs {expected}")
+    if inflater.unused_data:
+        raise InvalidRequest(f"compressed tensor data has {len(inflater.unused_data)} bytes after the compressed "
+                             f"stream")
     return out
 
 
@@ -183,22 +186,25 @@ def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tenso
     name, compression, dtype = msg.codec, msg.compression, msg.dtype
     shape = tuple(int(d) for d in msg.shape)
     if compression not in COMPRESSIONS:
-        raise InvalidRequest(f"unknown tensor compression {compression!r}; this tier accepts: zlib")
+        raise InvalidRequest(f"unknown tensor compression {quote(compression)}; this tier accepts: zlib")
     if name in tensors.RAW_CODECS:
         if not compression:
             return tensors.decode_buffer(dtype, shape, msg.data, name, limits)
         if dtype not in tensors.DTYPES:
-            raise InvalidRequest(f"unsupported tensor dtype {dtype!r}; allowed: {', '.join(tensors.DTYPES)}")
+            raise InvalidRequest(f"unsupported tensor dtype {quote(dtype)}; allowed: {', '.join(tensors.DTYPES)}")
         itemsize = torch.empty((), dtype=tensors.DTYPES[dtype][0]).element_size()
     elif name in _WIRE_ITEMSIZE:
         if dtype != "float32":
-            raise InvalidRequest(f"codec {name!r} carries float32 tensors, not {dtype!r}")
+            raise InvalidRequest(f"codec {quote(name)} carries float32 tensors, not {quote(dtype)}")
         itemsize = _WIRE_ITEMSIZE[name]
     else:
-        raise InvalidRequest(f"unknown tensor codec {name!r}; this tier accepts: raw, float16, int8")
+        raise InvalidRequest(f"unknown tensor codec {quote(name)}; this tier accepts: {', '.join(ACCEPTED_CODECS)}")
     n = limits.check_shape(shape)
     data = msg.data
     if compression:
+        if n == 0:  # a sender has nothing to compress; inflating into zero bytes cannot be bounded by the shape
+            raise InvalidRequest(f"compressed tensor of shape {list(shape)} has no elements; send empty tensors "
+                                 f"uncompressed")
         if n * itemsize > limits.max_decoded_bytes:
             raise InvalidRequest(f"tensor would decompress to {n * itemsize} bytes; the limit is "
                                  f"{limits.max_decoded_bytes}")
@@ -209,19 +215,23 @@ def decode(msg: pb.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tenso
         raise InvalidRequest(f"tensor data has {len(data)} bytes but shape {list(shape)} as {name} needs "
                              f"{n * itemsize}")
     if name == "float16":
+        if n == 0:
+            return torch.empty(shape, dtype=torch.float32)
         return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32)).view(shape)
     return _dequantize(data, shape, list(msg.scale), list(msg.zero_point))
 
 
 def _dequantize(data: bytes, shape: tuple[int, ...], scale: list[float], zero_point: list[float]) -> torch.Tensor:
     channels = shape[1] if len(shape) >= 2 else 1
-    if len(scale) not in (1, channels) or len(zero_point) != len(scale):
+    if len(scale) not in (1, channels) or not scale or len(zero_point) != len(scale):
         raise InvalidRequest(f"int8 tensor of shape {list(shape)} needs 1 or {channels} scales and as many zero "
                              f"points; got {len(scale)} and {len(zero_point)}")
     if not all(math.isfinite(s) and s > 0 for s in scale):
         raise InvalidRequest("int8 scales must be finite and positive")
     if not all(math.isfinite(z) and -128 <= z <= 127 for z in zero_point):
         raise InvalidRequest("int8 zero points must be finite and within -128..127")
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=torch.float32)
     q = torch.from_numpy(np.frombuffer(data, dtype=np.int8).astype(np.float32)).view(shape)
     s = _broadcast(torch.tensor(scale, dtype=torch.float32), len(shape))
     z = _broadcast(torch.tensor(zero_point, dtype=torch.float32), len(shape))

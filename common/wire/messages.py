@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
 
 from common.wire import codecs, tensors
 from common.wire.tensors import TensorLimits
@@ -38,15 +39,16 @@ def encode_request(batch: Batch, wire: WireCodec = FLOAT32) -> bytes:
     """The serialized ``InferRequest`` carrying ``batch`` over a link that uses ``wire``.
 
     The encoded tensor is copied once, straight into the result, instead of into a message, then into its
-    serialization: everything but the tensor's ``data`` is serialized by protobuf, and a second occurrence of the
-    ``tensor`` field holding only ``data`` follows. The protobuf encoding specification has parsers merge repeated
-    occurrences of a singular embedded-message field, so every receiver parses exactly the message
-    ``request_from_batch`` returns.
+    serialization. Protobuf serializes the request without its tensor and the tensor without its ``data``; the
+    ``tensor`` field is then written by hand, exactly once: its tag and length, the tensor's other fields, and
+    ``data`` last. Field order is free in the protobuf encoding, and every field occurs once, so every mainstream
+    decoder reads the message ``request_from_batch`` returns (protobufjs 7, for one, does not merge a repeated
+    occurrence of an embedded message, which an earlier two-occurrence encoding relied on).
     """
     header, data = codecs.encode_parts(batch.tensor, wire)
     head = pb.InferRequest(request_id=batch.request_id, model_id=batch.model_id, sample_ids=batch.sample_ids,
-                           tensor=header, queued_ms=batch.queued_s * 1e3).SerializeToString()
-    inner = _DATA_TAG + _varint(len(data))
+                           queued_ms=batch.queued_s * 1e3).SerializeToString()
+    inner = header.SerializeToString() + _DATA_TAG + _varint(len(data))
     return b"".join((head, _TENSOR_TAG, _varint(len(inner) + len(data)), inner, data))
 
 
@@ -62,10 +64,18 @@ class Received:
 
     message: pb.InferRequest
     nbytes: int
+    error: str = ""  # why the bytes are not an InferRequest (``message`` is then empty)
 
     @classmethod
     def parse(cls, data: bytes) -> "Received":
-        return cls(pb.InferRequest.FromString(data), len(data))
+        """Parse a request body. Bytes that are not an ``InferRequest`` give a ``Received`` carrying ``error`` instead
+        of raising: gRPC would turn a deserializer's exception into INTERNAL with a logged traceback, where the
+        caller should get INVALID_ARGUMENT and the tier one warning line."""
+        try:
+            return cls(pb.InferRequest.FromString(data), len(data))
+        except DecodeError:
+            return cls(pb.InferRequest(), len(data), f"the request body ({len(data)} bytes) is not a valid "
+                                                      f"splitexit.v1.InferRequest")
 
 
 def batch_from_request(request: pb.InferRequest, limits: TensorLimits = tensors.DEFAULT_LIMITS) -> Batch:

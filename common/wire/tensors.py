@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import InvalidRequest
+from common.errors import InvalidRequest, quote
 from proto import splitexit_pb2 as pb
 
 # Wire dtype name -> (torch dtype, little-endian numpy dtype or None when numpy has no equivalent).
@@ -94,9 +94,9 @@ def decode_buffer(dtype: str, shape: tuple[int, ...], data: bytes, codec: str = 
                   limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Validate ``(dtype, shape, data)`` and view ``data`` as a tensor without copying it."""
     if codec not in RAW_CODECS:
-        raise InvalidRequest(f"unknown tensor codec {codec!r}; this tier accepts: raw")
+        raise InvalidRequest(f"unknown tensor codec {quote(codec)}; this tier accepts: raw")
     if dtype not in DTYPES:
-        raise InvalidRequest(f"unsupported tensor dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        raise InvalidRequest(f"unsupported tensor dtype {quote(dtype)}; allowed: {', '.join(DTYPES)}")
     n = limits.check_shape(shape)
     torch_dtype, np_dtype = DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
