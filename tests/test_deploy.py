@@ -25,6 +25,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from common.serving.health import REPLICA_HEALTH_SERVICE
 from tests.tls_for_tests import make_ca
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,11 +215,12 @@ def test_bundle_and_secrets_are_mounted_where_the_flags_point(tree, tier):
 def test_plaintext_pods_use_the_kubelets_grpc_probe_on_the_health_port(tier):
     _, _, container = tier_pod("base", tier)
     health_probe = {"port": GRPC_PORT, "service": ""}
-    assert container["readinessProbe"]["grpc"] == health_probe
     if tier == "cloud":
+        assert container["readinessProbe"]["grpc"] == health_probe
         assert container["startupProbe"]["grpc"] == health_probe
         assert container["livenessProbe"]["grpc"] == health_probe
-    else:  # the edge's health follows the cloud's; its liveness must not
+    else:  # the edge's health "" follows the cloud's; its readiness and liveness must not
+        assert container["readinessProbe"]["grpc"] == {"port": GRPC_PORT, "service": REPLICA_HEALTH_SERVICE}
         assert container["livenessProbe"]["tcpSocket"]["port"] == GRPC_PORT
 
 
@@ -235,6 +237,8 @@ def test_mutual_tls_pods_probe_with_their_own_certificate(tier):
         tls_dir = flags(command[2:])["--tls-dir"]
         assert mounted_secret(spec, container, f"{tls_dir}/tls.crt") == f"splitexit-{tier}-tls"
         assert ("--live" in command) == (kind == "livenessProbe")
+        if tier == "edge" and kind == "readinessProbe":
+            assert flags(command[2:])["--service"] == REPLICA_HEALTH_SERVICE
     namespace = deployment["metadata"]["namespace"]
     env = {v["name"]: v.get("value") for v in container["env"]}
     assert expand(env["SPLITEXIT_PROBE_SERVER_NAME"], container, namespace) == \
