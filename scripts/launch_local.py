@@ -23,6 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_args(p, gate_help="TIER=SPEC gate override for that tier, e.g. device=confidence:0.95")
     p.add_argument("--host", default="127.0.0.1", help="address the tiers listen on (default 127.0.0.1)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep the tiers' logs here")
+    p.add_argument("--unary", action="store_true",
+                   help="one reply per request (Infer) instead of answers streamed as the tiers decide them")
     p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison run")
     add_codec_args(p)
     p.add_argument("--link", default=None, help="emulate every tier's outgoing link as RATE,RTT (e.g. 10mbit,20ms)")
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print("tiers serving: " + ", ".join(f"{t} {a}" for t, a in deployment.addresses.items()), flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
                             None if args.no_compare else args.bundle, gates, policy=args.policy,
-                            wires={t: wire for t in deployment.tiers[:-1]} if wire else None)
+                            wires={t: wire for t in deployment.tiers[:-1]} if wire else None,
+                            streamed=not args.unary)
     emit_report(report, args)
     return 0
 

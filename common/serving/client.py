@@ -6,7 +6,10 @@ to ``DownstreamError`` codes the runtime understands, so the runtime itself neve
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,7 +22,7 @@ from common.serving.security import Security
 from common.wire import messages
 from common.wire.batch import Batch
 from common.wire.codecs import FLOAT32, WireCodec
-from common.wire.link import LinkModel, emulate_link
+from common.wire.link import LinkModel, StreamLinkClock, emulate_link
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
@@ -92,6 +95,8 @@ class NextTierClient:
         # Infer takes the request already serialized (messages.encode_request copies the tensor only once).
         self._infer = self.channel.unary_unary(f"/{SERVICE_NAME}/Infer", request_serializer=None,
                                                response_deserializer=pb.InferReply.FromString)
+        self._infer_stream = self.channel.unary_stream(f"/{SERVICE_NAME}/InferStream", request_serializer=None,
+                                                       response_deserializer=pb.InferReply.FromString)
         self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
     def __call__(self, batch: Batch) -> Forwarded:
@@ -115,6 +120,39 @@ class NextTierClient:
         link_ms = emulate_link(self.link, size, reply.ByteSize())
         return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
 
+    def stream(self, batch: Batch) -> Iterator[Forwarded]:
+        """The ``ForwardStream`` over ``InferStream``: one ``Forwarded`` per reply of the next tier, as it arrives.
+
+        The deadline covers the whole stream; a failure at any point raises ``DownstreamError`` (after the parts
+        already yielded). Abandoning the iteration cancels the call. With an emulated link each reply is held back
+        until it would have arrived (``StreamLinkClock``), timed from when it really arrived: a reader thread takes
+        the replies off the call meanwhile."""
+        if not self.reachable:
+            raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
+                                  "UNAVAILABLE")
+        start = time.perf_counter()
+        request = messages.encode_request(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
+        size = len(request)
+        clock = StreamLinkClock(self.link)
+        up_ms = clock.send(size)
+        timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
+        if timeout <= 0:
+            raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
+                                  "UNAVAILABLE")
+        call = self._infer_stream(request, timeout=timeout, metadata=self.metadata)
+        try:
+            replies = _timed_replies(call) if self.link is not None else ((r, 0.0) for r in call)
+            for k, (reply, received_at) in enumerate(replies):
+                link_ms = clock.receive(reply.ByteSize(), received_at) + (up_ms if k == 0 else 0.0)
+                yield Forwarded(messages.answer_from_reply(reply), size if k == 0 else 0,
+                                encode_ms if k == 0 else 0.0, link_ms)
+        except grpc.RpcError as e:
+            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
+                                  _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
         try:
@@ -125,6 +163,27 @@ class NextTierClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _timed_replies(call) -> Iterator[tuple[pb.InferReply, float]]:
+    """``(reply, time.monotonic() it was received)`` for each reply of a streaming ``call``, read by a thread so that
+    a reply arriving while the caller still sleeps out an earlier one's emulated link is timed when it arrived."""
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    end = object()
+
+    def read() -> None:
+        try:
+            for reply in call:
+                box.put((reply, time.monotonic()))
+            box.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            box.put(e)
+
+    threading.Thread(target=read, name="stream-reader", daemon=True).start()
+    while (item := box.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def open_channel(target: str, security: Security | None = None, options: list | None = None) -> grpc.Channel:
