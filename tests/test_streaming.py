@@ -168,3 +168,55 @@ def test_a_served_pair_streams_and_answers_as_the_unary_call(serve_runtime):
     assert merged.predictions == unary.predictions
     assert [h.tier for h in merged.trace] == [h.tier for h in unary.trace] == ["device", "edge"]
     assert merged.trace[0].bytes_sent == unary.trace[0].bytes_sent > 0
+
+
+def test_draining_waits_for_an_open_stream():
+    """A server stopping with a grace period lets a stream already answering finish: the local part is out, the
+    next tier still holds the rest, and the stream still ends with every sample answered."""
+    from common.serving.server import TierServicer, create_server
+    from proto import splitexit_pb2 as pb
+
+    release = threading.Event()
+    rt = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), forward_stream=StreamingNext(release))
+    server, port, _ = create_server(TierServicer(rt, pb.TierDescription(tier="device")), "127.0.0.1:0")
+    server.start()
+    client = NextTierClient(f"127.0.0.1:{port}", timeout_s=TIMEOUT)
+    b = batch([[5, 0], [-5, 0]])
+    stopped = None
+    try:
+        parts = client.stream(b)
+        first = next(parts)
+        assert [p.sample_id for p in first.answer.predictions] == [10]
+        stopped = server.stop(grace=TIMEOUT)  # draining: the stream is in flight
+        release.set()
+        rest = [f.answer for f in parts]
+        merged = merge_answers(b.request_id, b.sample_ids, [first.answer, *rest])
+        assert [(p.exit_tier, p.degraded) for p in merged.predictions] == [("device", False), ("edge", False)]
+    finally:
+        release.set()
+        client.close()
+        (stopped or server.stop(0)).wait(TIMEOUT)
+
+
+def test_bench_alternates_unary_and_streamed_calls():
+    from scripts.bench_pipeline import alternate_calls
+
+    seen = []
+
+    def unary(b):
+        seen.append(("unary", b.sample_ids[0]))
+        return Forwarded(Answer(b.request_id, [Prediction(i, 0, 1.0, "device", 0) for i in b.sample_ids]), 10)
+
+    def streamed(b):
+        seen.append(("streamed", b.sample_ids[0]))
+        for i in b.sample_ids:
+            yield Forwarded(Answer(b.request_id, [Prediction(i, 0, 1.0, "device", 0)]), 10 if i == b.sample_ids[0]
+                            else 0)
+
+    images = torch.zeros(8, 3, 2, 2, dtype=torch.uint8)
+    records, busy = alternate_calls({"unary": ("unary", unary), "streamed": ("stream", streamed)}, images, "m", 4, 2)
+    assert seen == [("unary", 0), ("streamed", 0), ("unary", 4), ("streamed", 4),
+                    ("streamed", 0), ("unary", 0), ("streamed", 4), ("unary", 4)]
+    assert [len(r.sample_latency_ms) for r in records["streamed"]] == [4] * 4
+    assert all(not r.sample_latency_ms for r in records["unary"]) and busy["unary"] >= 0
+    assert all(r.request_bytes == 10 for rs in records.values() for r in rs)
