@@ -32,6 +32,10 @@ RETRY_POLICY = {
     "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# InferStream is not retried by gRPC: with a retry policy, a server-streaming call whose server dies (SIGKILL) while
+# the call waits for its first reply hangs until its deadline and beyond (grpcio 1.85), where without one it fails
+# at once with UNAVAILABLE, which the runtime answers degraded. A method's own entry overrides the service's.
+STREAM_METHOD_CONFIG = [{"name": [{"service": SERVICE_NAME, "method": "InferStream"}]}]
 # Reconnect to a restarted next tier within about a second, not after gRPC's default backoff of up to 2 minutes.
 MAX_RECONNECT_BACKOFF_MS = 1_000
 # What a hop keeps of its caller's remaining time for itself when it forwards: enough to answer (degraded if need
@@ -50,7 +54,8 @@ _DOWNSTREAM = {
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
     """Options of a channel to a tier: message limits, the retry policy, keepalive and a short reconnect backoff."""
-    config = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    config = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY},
+                               *STREAM_METHOD_CONFIG]}
     return [
         *grpc_options(max_message_bytes),
         ("grpc.enable_retries", 1),
