@@ -220,3 +220,24 @@ def test_bench_alternates_unary_and_streamed_calls():
     assert [len(r.sample_latency_ms) for r in records["streamed"]] == [4] * 4
     assert all(not r.sample_latency_ms for r in records["unary"]) and busy["unary"] >= 0
     assert all(r.request_bytes == 10 for rs in records.values() for r in rs)
+
+
+def test_the_deadline_covers_the_whole_stream(serve_runtime):
+    """A next tier slower than the caller's deadline: the local answers come first, the rest degraded in time."""
+    from tests.test_deadlines import Slow
+
+    slow_edge = TierRuntime(spec(tier="edge", is_last=True, exit_index=1), Slow(3.0), ConfidenceGate(0.9))
+    forward = NextTierClient(serve_runtime(slow_edge, "edge"), timeout_s=TIMEOUT)
+    entry = None
+    try:
+        device = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), forward_stream=forward.stream)
+        entry = NextTierClient(serve_runtime(device, "device"), timeout_s=1.0)  # the whole stream's deadline
+        b = batch([[5, 0], [-5, 0]])
+        parts = [f.answer for f in entry.stream(b)]
+    finally:
+        forward.close()
+        if entry is not None:
+            entry.close()
+    assert [[(p.exit_tier, p.degraded) for p in part.predictions] for part in parts] == [
+        [("device", False)], [("device", True)]]
+    assert "DEADLINE_EXCEEDED" in parts[-1].trace[-1].downstream_error
