@@ -19,8 +19,7 @@ TIMEOUT = 60
 TIERS = ("device", "edge", "cloud")
 
 
-@pytest.mark.parametrize("policy", [None, "mlp", "cost"])
-@pytest.mark.parametrize("codec", ["float32", "int8"])
+@pytest.mark.parametrize("policy, codec", [(None, "float32"), (None, "int8"), ("mlp", "int8"), ("cost", "float32")])
 def test_in_process_streamed_chain_equals_unary_chain(tiny_bundle, mixed_gates, test_slice, policy, codec):
     gates = mixed_gates if policy is None else None
     wires = {t: WireCodec(codec) for t in TIERS[:-1]}
@@ -72,8 +71,8 @@ def _concurrent_streams(address: str, images, model_id: str, per_request: int, t
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("policy, codec, batching", [
-    (None, "float32", False), (None, "int8", True), ("mlp", "int8", False), ("cost", "float32", True)])
+@pytest.mark.parametrize("policy, codec, batching", [(None, "float32", False), ("mlp", "int8", True),
+                                                     ("cost", "float32", True)])
 def test_served_streamed_equals_unary_equals_in_process(tiny_bundle, mixed_gates, test_slice, policy, codec,
                                                         batching):
     gates = mixed_gates if policy is None else {}
