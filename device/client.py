@@ -25,16 +25,19 @@ from common.wire.codecs import WireCodec, add_codec_args, wire_from_args
 
 def run_client(target: str, images, labels, batch_size: int, bundle: Path | None = None,
                gates: dict[str, Gate] | None = None, timeout_s: float = 120.0, policy: str | None = None,
-               wires: dict[str, WireCodec] | None = None, security: Security | None = None) -> dict:
+               wires: dict[str, WireCodec] | None = None, security: Security | None = None,
+               streamed: bool = True) -> dict:
     """Feed ``images`` to the device tier at ``target``; compare with the in-process chain when ``bundle`` is given.
 
-    ``wires`` (tier -> codec of its outgoing link) must name the codecs the tiers were started with, so that the
+    ``streamed`` (default) sends each request by ``InferStream`` and records when each sample's answer arrived;
+    otherwise by the unary ``Infer``. ``wires`` (tier -> codec of its outgoing link) must name the codecs the tiers were started with, so that the
     in-process chain sees the same decoded tensors."""
     client = NextTierClient(target, timeout_s=timeout_s, security=security)
     try:
         info = client.describe()
         report, records = feed_and_report(client, images, labels, info.model_id, batch_size, list(info.tiers),
-                                          info.full_network_flops, run_id="client")
+                                          info.full_network_flops, run_id="client",
+                                          forward_stream=client.stream if streamed else None)
     finally:
         client.close()
     report["model_id"] = info.model_id
@@ -51,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=None, help="bundle root for the in-process comparison")
     add_run_args(p, gate_help="TIER=SPEC gate the tiers were started with, for the in-process comparison")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
+    p.add_argument("--unary", action="store_true",
+                   help="one reply per request (Infer) instead of answers streamed as the tiers decide them")
     add_codec_args(p)  # for the in-process comparison: the codec every tier was started with
     add_security_args(p)
     return p
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     wire = wire_from_args(args)  # None: the tiers use their bundles' codecs
     wires = {t: wire for t in ("device", "edge")} if wire else None
     report = run_client(args.target, data.images, data.labels, args.batch_size, args.bundle, gates, args.timeout,
-                        args.policy, wires=wires, security=security_from_args(args))
+                        args.policy, wires=wires, security=security_from_args(args), streamed=not args.unary)
     emit_report(report, args)
     return 0
 

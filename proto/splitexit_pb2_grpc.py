@@ -39,6 +39,11 @@ class TierStub:
                 request_serializer=proto_dot_splitexit__pb2.InferRequest.SerializeToString,
                 response_deserializer=proto_dot_splitexit__pb2.InferReply.FromString,
                 _registered_method=True)
+        self.InferStream = channel.unary_stream(
+                '/splitexit.v1.Tier/InferStream',
+                request_serializer=proto_dot_splitexit__pb2.InferRequest.SerializeToString,
+                response_deserializer=proto_dot_splitexit__pb2.InferReply.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/splitexit.v1.Tier/Describe',
                 request_serializer=proto_dot_splitexit__pb2.DescribeRequest.SerializeToString,
@@ -55,6 +60,16 @@ class TierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request, context):
+        """Infer with answers streamed as they are decided: first the samples this tier's exit answered (sent before it
+        forwards the rest), then each reply of the next tier as it arrives, then one closing reply carrying this tier's
+        forwarding figures (a HopTrace of this tier with samples_in 0). Every sample is answered in exactly one reply;
+        a caller merges the replies by adding up the HopTraces of the same tier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Describe(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -66,6 +81,11 @@ def add_TierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
+                    request_deserializer=proto_dot_splitexit__pb2.InferRequest.FromString,
+                    response_serializer=proto_dot_splitexit__pb2.InferReply.SerializeToString,
+            ),
+            'InferStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.InferStream,
                     request_deserializer=proto_dot_splitexit__pb2.InferRequest.FromString,
                     response_serializer=proto_dot_splitexit__pb2.InferReply.SerializeToString,
             ),
@@ -100,6 +120,33 @@ class Tier:
             request,
             target,
             '/splitexit.v1.Tier/Infer',
+            proto_dot_splitexit__pb2.InferRequest.SerializeToString,
+            proto_dot_splitexit__pb2.InferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitexit.v1.Tier/InferStream',
             proto_dot_splitexit__pb2.InferRequest.SerializeToString,
             proto_dot_splitexit__pb2.InferReply.FromString,
             options,

@@ -17,7 +17,12 @@ training and 256 test images; otherwise the demo's recipe and 2,000 images). The
   early exits served by three real processes;
 - ``planner``: ``scripts.plan`` for the first link setting and the compute profile, its chosen split exported and
   served by three processes under that link and profile: predicted against measured mean latency per request
-  (``latency_relative_error``), bytes and accuracy. Needs the checkpoint behind the bundle (``--checkpoint``).
+  (``latency_relative_error``), bytes and accuracy. Needs the checkpoint behind the bundle (``--checkpoint``);
+- ``streaming``: the bundle served by three processes over the first link setting with the compute profile, answers
+  streamed back as each tier decides them (``InferStream`` everywhere) against one reply per request (``Infer``
+  everywhere, tiers started with ``--forward-call unary``), requests alternating between the two: per-sample latency
+  by exit tier (p50/p95) and its mean; then with never gates (nothing exits early), the throughput of each, whose
+  ratio is the cost of streaming. Also writes ``DIR/streaming.png``.
 
 Writes ``DIR/bench.json`` and ``DIR/bench.png`` (``--sections`` measures a subset, JSON only).
 """
@@ -42,7 +47,8 @@ from common.model.bundle import find_tier_folders, load_tier_bundle
 from common.cli import positive_int, run
 from common.emulation.cost_model import parse_profile
 from common.errors import ConfigError
-from common.emulation.feed import feed, feed_and_report
+from common.emulation.feed import feed, feed_and_report, receive_stream
+from common.emulation.report import RequestRecord, build_report
 from common.model.gates import ConstantGate
 from common.wire.link import parse_link
 from common.emulation.chain import LocalLink, load_local_chain
@@ -71,7 +77,7 @@ def parse_widths(spec: str | None, quick: bool) -> list[float]:
     return widths
 
 
-SECTIONS = {"serving_overhead", "codecs", "baselines", "planner"}
+SECTIONS = {"serving_overhead", "codecs", "baselines", "planner", "streaming"}
 
 
 def train_small(out: Path, quick: bool) -> Path:
@@ -269,6 +275,124 @@ def measure_baselines(bundle_root, bundles, data, batch_size, tiers, link_names,
     return rows
 
 
+def alternate_calls(calls: dict[str, object], images, model_id, batch_size, rounds: int
+                    ) -> tuple[dict[str, list[RequestRecord]], dict[str, float]]:
+    """Full batches of ``images`` sent ``rounds`` times, request by request alternating between the ``calls``
+    (name -> ("unary", Forward) or ("stream", ForwardStream)), the order rotating every round. Records and busy
+    seconds of each."""
+    names = list(calls)
+    records: dict[str, list[RequestRecord]] = {n: [] for n in names}
+    busy = {n: 0.0 for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for i, lo in enumerate(range(0, len(images) - batch_size + 1, batch_size)):
+            for name in order:
+                kind, call = calls[name]
+                ids = list(range(lo, lo + batch_size))
+                batch = Batch(f"{name}-{r}-{i}", model_id, ids, images[lo:lo + batch_size])
+                t0 = time.perf_counter()
+                if kind == "stream":
+                    record = receive_stream(call, batch, t0)
+                else:
+                    forwarded = call(batch)
+                    record = RequestRecord(forwarded.answer, (time.perf_counter() - t0) * 1e3,
+                                           forwarded.request_bytes)
+                busy[name] += time.perf_counter() - t0
+                records[name].append(record)
+    return records, busy
+
+
+def measure_streaming(bundle_root, bundles, data, batch_size, tiers, link_spec, scales, threads: int | None = None,
+                      rounds: int = 2) -> dict:
+    """Streamed against unary answers, served, over ``link_spec`` with compute profile ``scales`` (module doc)."""
+    link = parse_link(link_spec)
+    n = len(tiers)
+    model_id = bundles[0].model_id
+    full = bundles[0].manifest.full_network_flops
+    labels = dict(enumerate(data.labels.tolist()))
+
+    def flags(forward_call: str) -> dict[str, list[str]]:
+        return {t: link_args(FLOAT32, link if k < n - 1 else None) + ["--compute-scale", str(scales[k])]
+                + (["--threads", str(threads)] if threads else []) + ["--forward-call", forward_call]
+                for k, t in enumerate(tiers)}
+
+    def run_pair(gates: dict) -> tuple[dict[str, list[RequestRecord]], dict[str, float]]:
+        # Both deployments up at once, one request at a time: they meet the same disturbances of the machine.
+        with LocalDeployment(bundle_root, gates=gates, extra_args=flags("stream")) as streamed, \
+                LocalDeployment(bundle_root, gates=gates, extra_args=flags("unary")) as unary:
+            clients = {"streamed": NextTierClient(streamed.device_address, timeout_s=300),
+                       "unary": NextTierClient(unary.device_address, timeout_s=300)}
+            try:
+                calls = {"unary": ("unary", clients["unary"]), "streamed": ("stream", clients["streamed"].stream)}
+                alternate_calls(calls, data.images[:4 * batch_size], model_id, batch_size, 1)  # warm-up
+                return alternate_calls(calls, data.images, model_id, batch_size, rounds)
+            finally:
+                for c in clients.values():
+                    c.close()
+
+    out: dict = {"link": link_spec, "compute_scale": dict(zip(tiers, scales)), "batch_size": batch_size,
+                 "rounds": rounds}
+    records, busy = run_pair({})
+    for name, recs in records.items():
+        report = build_report(recs, labels, tiers, full, busy[name])
+        out[name] = {
+            "exits": report["exits"], "accuracy": report["accuracy"],
+            "latency_ms_by_exit": {t: {k: v[k] for k in ("p50", "p95")} for t, v in
+                                   report["latency_ms_by_exit"].items()},
+            "sample_latency_ms": report["sample_latency_ms"],
+            "request_latency_ms": report["latency_ms"],
+            "throughput_samples_per_s": round(report["throughput_samples_per_s"], 1),
+        }
+    never = {t: NEVER for t in tiers[:-1]}
+    records, busy = run_pair(never)
+    out["never_gates"] = {name: {"throughput_samples_per_s": round(sum(len(r.answer.predictions) for r in recs)
+                                                                    / busy[name], 1),
+                                 "request_latency_ms_mean": round(float(np.mean([r.latency_ms for r in recs])), 2)}
+                          for name, recs in records.items()}
+    s, u = out["streamed"], out["unary"]
+    dev, cloud = s["latency_ms_by_exit"][tiers[0]]["p50"], s["latency_ms_by_exit"][tiers[-1]]["p50"]
+    out["checks"] = {
+        "device_p50_over_cloud_p50": round(dev / cloud, 3) if dev is not None and cloud else None,
+        "mean_sample_latency_streamed_over_unary": round(s["sample_latency_ms"]["mean"]
+                                                         / u["sample_latency_ms"]["mean"], 3),
+        "never_gates_throughput_streamed_over_unary": round(
+            out["never_gates"]["streamed"]["throughput_samples_per_s"]
+            / out["never_gates"]["unary"]["throughput_samples_per_s"], 3),
+    }
+    return out
+
+
+def plot_streaming(streaming: dict, path: Path) -> None:
+    """Per-sample latency by exit tier (p50 bar, p95 tick), unary against streamed; never-gates throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    tiers = list(streaming["unary"]["latency_ms_by_exit"])
+    groups = tiers + ["all samples (mean)"]
+    for j, name in enumerate(("unary", "streamed")):
+        row = streaming[name]
+        p50 = [row["latency_ms_by_exit"][t]["p50"] or 0 for t in tiers] + [row["sample_latency_ms"]["mean"]]
+        p95 = [row["latency_ms_by_exit"][t]["p95"] or 0 for t in tiers] + [row["sample_latency_ms"]["mean"]]
+        x = np.arange(len(groups)) + j * 0.4
+        axes[0].bar(x, p50, 0.4, label=f"{name} (p50; tick: p95)")
+        axes[0].scatter(x, p95, marker="_", s=200, color="black")
+    axes[0].set_xticks(np.arange(len(groups)) + 0.2, [f"answered at {t}" for t in tiers] + groups[-1:])
+    axes[0].set_ylabel("ms from sending the request to the sample's answer")
+    axes[0].set_title(f"per-sample latency, batch {streaming['batch_size']}, link {streaming['link']}", fontsize=9)
+    axes[0].legend()
+    never = streaming["never_gates"]
+    axes[1].bar(["unary", "streamed"], [never["unary"]["throughput_samples_per_s"],
+                                        never["streamed"]["throughput_samples_per_s"]])
+    axes[1].set_ylabel("samples/s")
+    axes[1].set_title("never gates (no early exit)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def find_checkpoint(bundle_root: Path) -> Path | None:
     """The checkpoint a bundle root was exported from, where the project's commands leave it."""
     for candidate in (bundle_root.parent / "train" / "checkpoint.safetensors",
@@ -397,8 +521,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead-widths", default=None,
                    help="comma-separated widths of a freshly initialised ResNet-18 whose serving overhead is measured "
                         "too (default 0.25,1 without --quick, none with it; 'none' for none)")
-    p.add_argument("--sections", default="serving_overhead,codecs,baselines,planner",
-                   help="comma-separated parts to measure (default: all four)")
+    p.add_argument("--sections", default="serving_overhead,codecs,baselines,planner,streaming",
+                   help="comma-separated parts to measure (default: all five)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the planner's checkpoint (default: the one the bundle was exported from, if found)")
     p.add_argument("--compute-scale", default="device=4,edge=2,cloud=1",
@@ -460,12 +584,19 @@ def main(argv: list[str] | None = None) -> int:
                                             args.out / "planned", args.threads, codecs)
         print("planner:", json.dumps({k: result["planner"].get(k) for k in
                                       ("chosen", "predicted", "latency_relative_error")}), flush=True)
+    if "streaming" in sections:
+        result["streaming"] = measure_streaming(root, bundles, data, args.batch_size, tiers, args.links[0], scales,
+                                                args.threads)
+        print("streaming:", json.dumps(result["streaming"]), flush=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     written = [args.out / "bench.json"]
     if {"codecs", "baselines"} <= sections:
         plot(result, args.out / "bench.png")
         written.append(args.out / "bench.png")
+    if "streaming" in sections:
+        plot_streaming(result["streaming"], args.out / "streaming.png")
+        written.append(args.out / "streaming.png")
     print(f"wrote {' and '.join(map(str, written))} in {result['seconds']:.0f} s")
     return 0
 

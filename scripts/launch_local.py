@@ -31,6 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-age", type=positive_float, default=None,
                    help="passed to every tier: seconds before a tier closes a caller's connection (default: the "
                         "tiers' default)")
+    p.add_argument("--unary", action="store_true",
+                   help="one reply per request (Infer) instead of answers streamed as the tiers decide them")
     p.add_argument("--no-compare", action="store_true", help="skip the in-process comparison run")
     add_codec_args(p)
     p.add_argument("--link", default=None, help="emulate every tier's outgoing link as RATE,RTT (e.g. 10mbit,20ms)")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         report = run_client(deployment.device_address, data.images, data.labels, args.batch_size,
                             None if args.no_compare else args.bundle, gates, policy=args.policy,
-                            wires={t: wire for t in deployment.tiers[:-1]} if wire else None)
+                            wires={t: wire for t in deployment.tiers[:-1]} if wire else None,
+                            streamed=not args.unary)
         report["replicas"] = deployment.replica_counts()
     for tier, served in report["replicas"].items():
         if len(served) > 1:

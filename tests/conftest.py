@@ -62,6 +62,22 @@ def test_slice():
     return load("synthetic:test", "test", limit=192)
 
 
+@pytest.fixture(scope="session")
+def mixed_gates(tiny_run, test_slice):
+    """Thresholds at the median confidence of each exit on the test slice, so every tier answers a share."""
+    from common.model.gates import ConfidenceGate
+    from training import checkpoint
+    from training.engine import collect_logits
+
+    model, _ = checkpoint.load(tiny_run)
+    logits = collect_logits(model, test_slice)
+    conf0 = logits[0].softmax(1).max(1).values
+    t0 = float(conf0.median())
+    rest = conf0 < t0
+    t1 = float(logits[1][rest].softmax(1).max(1).values.median())
+    return {"device": ConfidenceGate(t0), "edge": ConfidenceGate(t1)}
+
+
 @pytest.fixture
 def serve_runtime():
     """Serve ``TierRuntime``s over gRPC on free loopback ports: ``start(runtime, tier)`` -> address; every server

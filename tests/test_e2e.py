@@ -9,7 +9,7 @@ import torch
 
 from common.wire import codecs
 from common.model.bundle import read_manifest
-from common.model.gates import ConfidenceGate, ConstantGate, Gate
+from common.model.gates import ConstantGate
 from common.wire.link import LinkModel
 from common.wire.codecs import WireCodec, link_args
 from common.emulation.report import format_summary
@@ -19,24 +19,10 @@ from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 from common.emulation.deployment import LocalDeployment
 from tests.grpc_tools_for_tests import CountingProxy
-from training import checkpoint
-from training.engine import collect_logits
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here starts tier processes
 
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def mixed_gates(tiny_run, test_slice) -> dict[str, Gate]:
-    """Thresholds at the median confidence of each exit on the test slice, so every tier answers a share."""
-    model, _ = checkpoint.load(tiny_run)
-    logits = collect_logits(model, test_slice)
-    conf0 = logits[0].softmax(1).max(1).values
-    t0 = float(conf0.median())
-    rest = conf0 < t0
-    t1 = float(logits[1][rest].softmax(1).max(1).values.median())
-    return {"device": ConfidenceGate(t0), "edge": ConfidenceGate(t1)}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 Three real tier processes of the tiny bundle; the early gates never accept, so every sample travels to the cloud and
 a dead tier is felt by every request. One sample per request keeps the stream long (≥ 2,000 requests) yet quick.
+Requests alternate between the streamed call (every reply's predictions counted as they arrive, so a sample answered
+in two replies would show) and the unary one; the tiers call each other by the streamed call throughout.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from common.model.gates import ConstantGate
 from common.serving.client import NextTierClient
-from common.wire.batch import Batch
+from common.wire.batch import Answer, Batch
 from common.emulation.deployment import LocalDeployment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test here starts tier processes
@@ -51,8 +53,14 @@ def _stream_with_fault(dep: LocalDeployment, images, tier: str) -> dict:
         try:
             while i < stop_at or (state["normal_again"] is None and time.monotonic() < t_end):
                 x = images[i % len(images)].unsqueeze(0)
-                reply = client(Batch(f"fault-{i}", info.model_id, [i], x)).answer
-                for p in reply.predictions:
+                b = Batch(f"fault-{i}", info.model_id, [i], x)
+                if i % 2:
+                    parts = [client(b).answer]
+                else:
+                    parts = [f.answer for f in client.stream(b)]
+                preds = [p for part in parts for p in part.predictions]
+                reply = Answer(b.request_id, preds)
+                for p in preds:
                     answers.setdefault(p.sample_id, []).append(p)
                 if state["up_at"] is not None and state["normal_again"] is None and not reply.predictions[0].degraded:
                     state["normal_again"] = time.monotonic()

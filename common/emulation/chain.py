@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -16,11 +17,11 @@ from common.errors import ConfigError
 from common.emulation.feed import feed_and_report
 from common.model.gates import Gate
 from common.wire.link import LinkModel
-from common.wire.link import emulate_link
+from common.wire.link import StreamLinkClock, emulate_link
 from common.wire.codecs import FLOAT32, WireCodec
 from common.emulation.report import RequestRecord
 from common.wire.batch import Batch
-from common.serving.handling import answer_request
+from common.serving.handling import answer_request, answer_stream
 from common.serving.runtime import Forwarded, TierRuntime, TierSpec
 
 
@@ -44,22 +45,39 @@ class LocalLink:
         link_ms = emulate_link(self.link, size, messages.reply_from_answer(answer).ByteSize()) if self.link else 0.0
         return Forwarded(answer, size, encode_ms, link_ms)
 
+    def stream(self, batch: Batch) -> Iterator[Forwarded]:
+        """The streamed exchange (``ForwardStream``), as ``InferStream`` carries it: one ``Forwarded`` per partial
+        answer of the runtime, the request's size and encoding on the first."""
+        start = time.perf_counter()
+        request = messages.encode_request(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
+        size = len(request)
+        clock = StreamLinkClock(self.link)
+        up_ms = clock.send(size)
+        for k, part in enumerate(answer_stream(self.runtime, messages.Received.parse(request), batch.deadline)):
+            link_ms = clock.receive(messages.reply_from_answer(part).ByteSize(), time.monotonic()) if self.link else 0.0
+            yield Forwarded(part, size if k == 0 else 0, encode_ms if k == 0 else 0.0,
+                            link_ms + (up_ms if k == 0 else 0.0))
+
 
 def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = None,
-                   wires: dict[str, WireCodec] | None = None) -> TierRuntime:
+                   wires: dict[str, WireCodec] | None = None, streamed: bool = False) -> TierRuntime:
     """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates;
-    ``wires`` maps a tier to the codec of its outgoing link (where absent: the one its bundle names, else float32)."""
+    ``wires`` maps a tier to the codec of its outgoing link (where absent: the one its bundle names, else float32);
+    ``streamed`` links the tiers by ``LocalLink.stream`` (as served tiers are) instead of the unary exchange."""
     gates = gates or [None] * len(bundles)
     wires = wires or {}
     runtime = None
     for bundle, gate in reversed(list(zip(bundles, gates, strict=True))):
         forward = LocalLink(runtime, bundle.link_codec(wires.get(bundle.tier))) if runtime is not None else None
-        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest), bundle.segment, bundle.select_gate(gate), forward)
+        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest), bundle.segment, bundle.select_gate(gate), forward,
+                              forward_stream=forward.stream if streamed and forward is not None else None)
     return runtime
 
 
 def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: str | None = None,
-                     wires: dict[str, WireCodec] | None = None) -> tuple[TierRuntime, list[TierBundle]]:
+                     wires: dict[str, WireCodec] | None = None,
+                     streamed: bool = False) -> tuple[TierRuntime, list[TierBundle]]:
     """Load every tier of the bundle root ``root`` and chain them. ``policy`` selects a stored policy for every
     tier; ``gates`` (tier name -> gate) overrides single tiers on top of that."""
     bundles = [load_tier_bundle(f) for f in find_tier_folders(root)]
@@ -68,7 +86,7 @@ def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: s
     if unknown:
         raise ConfigError(f"gate overrides name unknown tiers {sorted(unknown)}")
     chosen = [b.select_gate(gates.get(b.tier), policy) for b in bundles]
-    return chain_runtimes(bundles, chosen, wires), bundles
+    return chain_runtimes(bundles, chosen, wires, streamed), bundles
 
 
 @torch.inference_mode()

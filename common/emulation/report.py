@@ -6,7 +6,7 @@ spent against the whole network's, latency percentiles and throughput.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,12 @@ class RequestRecord:
     answer: Answer
     latency_ms: float
     request_bytes: int
+    # Streamed requests: sample id -> ms from sending the request to receiving that sample's answer. A sample
+    # missing here (every sample of a unary request) waited for the whole request.
+    sample_latency_ms: dict[int, float] = field(default_factory=dict)
+
+    def sample_ms(self, sample_id: int) -> float:
+        return self.sample_latency_ms.get(sample_id, self.latency_ms)
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -59,6 +65,14 @@ def build_report(
     raw = sum(r.request_bytes for r in records)
     mean_flops = total_flops / n if n else 0.0
     latencies = [r.latency_ms for r in records]
+    # Per sample: from sending its request to receiving its answer (streamed answers come back as tiers decide).
+    by_exit: dict[str, list[float]] = {t: [] for t in tiers}
+    per_sample = []
+    for r in records:
+        for p in r.answer.predictions:
+            ms = r.sample_ms(p.sample_id)
+            per_sample.append(ms)
+            by_exit.setdefault(p.exit_tier, []).append(ms)
     return {
         "samples": n,
         "requests": len(records),
@@ -78,6 +92,9 @@ def build_report(
         },
         "compute_ms": {t: round(v, 3) for t, v in compute_ms.items()},
         "latency_ms": _percentiles(latencies),
+        "sample_latency_ms": {"mean": round(float(np.mean(per_sample)), 3) if per_sample else None,
+                              **_percentiles(per_sample)},
+        "latency_ms_by_exit": {t: _percentiles(v) for t, v in by_exit.items()},
         "latency_breakdown_ms": latency_breakdown(records, tiers),
         "throughput_samples_per_s": n / wall_s if wall_s > 0 else None,
     }
@@ -166,6 +183,13 @@ def format_summary(report: dict) -> str:
     lat = report["latency_ms"]
     lines.append(f"  latency per request ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}   "
                  f"throughput {_fmt(report['throughput_samples_per_s'], '.1f')} samples/s")
+    per_sample = report.get("sample_latency_ms")
+    if per_sample and per_sample.get("p50") is not None:
+        lines.append(f"  latency per sample ms: mean {per_sample['mean']}  p50 {per_sample['p50']}  "
+                     f"p95 {per_sample['p95']}  p99 {per_sample['p99']}")
+        lines.append("  latency per sample by exit, p50/p95/p99 ms: " + "   ".join(
+            f"{t} {v['p50']}/{v['p95']}/{v['p99']}" for t, v in report["latency_ms_by_exit"].items()
+            if v["p50"] is not None))
     parts = report.get("latency_breakdown_ms") or {}
     if parts.get("total", {}).get("mean") is not None:
         lines.append("  latency per sample, mean ms: " + "  ".join(

@@ -7,22 +7,26 @@ worker takes the oldest request plus whatever else is queued or arrives within `
 ``queued_ms``) shortens that window: a chain of batching tiers holds a sample for one delay, not one per tier. The
 merged batch gets fresh sample ids 0..N-1 (callers' ids may collide), runs once through the runtime - and so crosses
 each link as one request - and every caller receives exactly its own predictions, under its own ids, with its share
-of the trace. Up to ``workers`` merged batches are in flight at once, so one waiting on the next tier does not stall
+of the trace. ``stream`` is the streamed form: each caller receives its own samples as soon as the merged batch's
+stream decides them, and its share of the trace in a last part once the merged stream has ended. Up to ``workers`` merged batches are in flight at once, so one waiting on the next tier does not stall
 the next one's compute. A worker collecting a batch is woken only when the batch can be completed or its wait is
 over, not by every arrival. No gRPC here.
 """
 from __future__ import annotations
 
+import bisect
 import math
+import queue
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import torch
 
 from common.errors import InvalidRequest
-from common.wire.batch import Answer, Batch
+from common.wire.batch import Answer, Batch, merge_answers
 from common.serving.runtime import TierRuntime
 
 
@@ -34,6 +38,10 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     answer: Answer | None = None
     error: BaseException | None = None
+    parts: queue.SimpleQueue | None = None  # a streaming caller's partial answers, then an error or _END
+
+
+_END = object()
 
 
 def split_answer(answer: Answer, parts: list[tuple[Batch, int]], offsets: list[int]) -> list[Answer]:
@@ -101,17 +109,35 @@ class DynamicBatcher:
         """Answer ``batch`` (blocking), possibly as part of a larger batch."""
         self.runtime.validate(batch)
         pending = _Pending(batch, bytes_received)
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
-            self._queue.append(pending)
-            self._queued_samples += len(batch.sample_ids)
-            if self._queued_samples >= self._wanted:
-                self._cv.notify()  # only the collecting worker waits on the condition (see _gather)
+        self._enqueue(pending)
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
         return pending.answer
+
+    def stream(self, batch: Batch, bytes_received: int = 0) -> Iterator[Answer]:
+        """Answer ``batch`` as a stream of partial answers, possibly as part of a larger batch: the caller's own
+        samples as they are decided, then (after a merged batch) a last part with its share of the trace."""
+        self.runtime.validate(batch)
+        pending = _Pending(batch, bytes_received, parts=queue.SimpleQueue())
+        self._enqueue(pending)
+        return self._drain(pending.parts)
+
+    @staticmethod
+    def _drain(parts: queue.SimpleQueue) -> Iterator[Answer]:
+        while (item := parts.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _enqueue(self, pending: _Pending) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.append(pending)
+            self._queued_samples += len(pending.batch.sample_ids)
+            if self._queued_samples >= self._wanted:
+                self._cv.notify()  # only the collecting worker waits on the condition (see _gather)
 
     def _gather(self) -> list[_Pending] | None:
         # One worker collects at a time (``_collect``), so it is the only thread waiting on ``_cv``.
@@ -156,10 +182,7 @@ class DynamicBatcher:
         queued = time.monotonic() - min(p.arrived - p.batch.queued_s for p in group)
         try:
             if len(group) == 1:
-                p = group[0]
-                p.batch.queued_s = queued
-                p.answer = self.runtime.run_validated(p.batch, p.bytes_received)  # validated on arrival
-                self._ran(len(p.batch.sample_ids))
+                self._run_one(group[0], queued)
             else:
                 offsets, n = [], 0
                 for p in group:
@@ -172,30 +195,68 @@ class DynamicBatcher:
                                queued)
                 # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at
                 # most max_batch samples), so the merged tensor is not scanned a second time.
+                collected = []
                 try:
-                    answer = self.runtime.run_validated(merged, sum(p.bytes_received for p in group))
-                except InvalidRequest:  # some part's values overflow the segment: find whose, fail only that
+                    for part in self.runtime.stream_validated(merged, sum(p.bytes_received for p in group)):
+                        collected.append(part)
+                        self._route(part, group, offsets)
+                except InvalidRequest:
+                    if collected:
+                        raise
+                    # Some part's values overflow the segment (refused before anything is answered): find whose,
+                    # fail only that one.
                     self._run_apart(group, queued)
                     return
                 self._ran(n)
+                answer = merge_answers(merged.request_id, merged.sample_ids, collected)
                 for p, a in zip(group, split_answer(answer, [(p.batch, p.bytes_received) for p in group], offsets)):
-                    p.answer = a
+                    if p.parts is None:
+                        p.answer = a
+                    else:  # the predictions went out as they were decided: what is left is the trace
+                        p.parts.put(Answer(a.request_id, [], a.trace))
         except BaseException as e:  # every caller of the batch gets the error, none waits forever
             for p in group:
                 p.error = e
+                if p.parts is not None:
+                    p.parts.put(e)
         finally:
             for p in group:
                 p.done.set()
+                if p.parts is not None:
+                    p.parts.put(_END)
+
+    @staticmethod
+    def _route(part: Answer, group: list[_Pending], offsets: list[int]) -> None:
+        """Hand each streaming caller its own predictions of ``part`` (merged ids back to the caller's)."""
+        mine: dict[int, list] = {}
+        for pred in part.predictions:
+            k = bisect.bisect_right(offsets, pred.sample_id) - 1
+            if group[k].parts is not None:
+                own = group[k].batch.sample_ids[pred.sample_id - offsets[k]]
+                mine.setdefault(k, []).append(replace(pred, sample_id=own))
+        for k, preds in mine.items():
+            group[k].parts.put(Answer(group[k].batch.request_id, preds, []))
+
+    def _run_one(self, p: _Pending, queued: float) -> None:
+        """Run one caller's batch on its own (validated on arrival): merged for a unary caller, streamed otherwise."""
+        p.batch.queued_s = queued
+        parts = self.runtime.stream_validated(p.batch, p.bytes_received)
+        if p.parts is None:
+            p.answer = merge_answers(p.batch.request_id, p.batch.sample_ids, parts)
+        else:
+            for part in parts:
+                p.parts.put(part)
+        self._ran(len(p.batch.sample_ids))
 
     def _run_apart(self, group: list[_Pending], queued: float) -> None:
         """Run each request of a merged batch that failed on its own, so one bad request never fails the others."""
         for p in group:
-            p.batch.queued_s = queued
             try:
-                p.answer = self.runtime.run_validated(p.batch, p.bytes_received)
-                self._ran(len(p.batch.sample_ids))
+                self._run_one(p, queued)
             except BaseException as e:
                 p.error = e
+                if p.parts is not None:
+                    p.parts.put(e)
 
     def _ran(self, samples: int) -> None:
         self.batch_sizes[samples] += 1

@@ -6,7 +6,10 @@ to ``DownstreamError`` codes the runtime understands, so the runtime itself neve
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +23,7 @@ from common.serving.security import Security
 from common.wire import messages
 from common.wire.batch import Batch
 from common.wire.codecs import FLOAT32, WireCodec
-from common.wire.link import LinkModel, emulate_link
+from common.wire.link import LinkModel, StreamLinkClock, emulate_link
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
@@ -30,6 +33,10 @@ RETRY_POLICY = {
     "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2.0,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# InferStream is not retried by gRPC: with a retry policy, a server-streaming call whose server dies (SIGKILL) while
+# the call waits for its first reply hangs until its deadline and beyond (grpcio 1.85), where without one it fails
+# at once with UNAVAILABLE, which the runtime answers degraded. A method's own entry overrides the service's.
+STREAM_METHOD_CONFIG = [{"name": [{"service": SERVICE_NAME, "method": "InferStream"}]}]
 # Reconnect to a restarted next tier within about a second, not after gRPC's default backoff of up to 2 minutes.
 MAX_RECONNECT_BACKOFF_MS = 1_000
 # What a hop keeps of its caller's remaining time for itself when it forwards: enough to answer (degraded if need
@@ -47,8 +54,9 @@ _DOWNSTREAM = {
 
 
 def service_config() -> dict:
-    """The channel's service config: the retry policy, ``round_robin`` over every address the target resolves to
-    (replicas), and client-side health checking on ``REPLICA_HEALTH_SERVICE``.
+    """The channel's service config: the retry policy (not for ``InferStream``, see ``STREAM_METHOD_CONFIG``),
+    ``round_robin`` over every address the target resolves to (replicas), and client-side health checking on
+    ``REPLICA_HEALTH_SERVICE``.
 
     Round robin picks a READY connection per call, so a retry of UNAVAILABLE lands on another replica once the failed
     one's connection is down. Health checking keeps calls off a replica that is loading or draining; it watches the
@@ -59,7 +67,7 @@ def service_config() -> dict:
     return {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": REPLICA_HEALTH_SERVICE},
-        "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}],
+        "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}, *STREAM_METHOD_CONFIG],
     }
 
 
@@ -111,6 +119,8 @@ class NextTierClient:
         # Infer takes the request already serialized (messages.encode_request copies the tensor only once).
         self._infer = self.channel.unary_unary(f"/{SERVICE_NAME}/Infer", request_serializer=None,
                                                response_deserializer=pb.InferReply.FromString)
+        self._infer_stream = self.channel.unary_stream(f"/{SERVICE_NAME}/InferStream", request_serializer=None,
+                                                       response_deserializer=pb.InferReply.FromString)
         self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
     def __call__(self, batch: Batch) -> Forwarded:
@@ -137,6 +147,39 @@ class NextTierClient:
         link_ms = emulate_link(self.link, size, reply.ByteSize())
         return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
 
+    def stream(self, batch: Batch) -> Iterator[Forwarded]:
+        """The ``ForwardStream`` over ``InferStream``: one ``Forwarded`` per reply of the next tier, as it arrives.
+
+        The deadline covers the whole stream; a failure at any point raises ``DownstreamError`` (after the parts
+        already yielded). Abandoning the iteration cancels the call. With an emulated link each reply is held back
+        until it would have arrived (``StreamLinkClock``), timed from when it really arrived: a reader thread takes
+        the replies off the call meanwhile."""
+        if not self.reachable:
+            raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
+                                  "UNAVAILABLE")
+        start = time.perf_counter()
+        request = messages.encode_request(batch, self.wire)
+        encode_ms = (time.perf_counter() - start) * 1e3
+        size = len(request)
+        clock = StreamLinkClock(self.link)
+        up_ms = clock.send(size)
+        timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
+        if timeout <= 0:
+            raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
+                                  "UNAVAILABLE")
+        call = self._infer_stream(request, timeout=timeout, metadata=self.metadata)
+        try:
+            replies = _timed_replies(call) if self.link is not None else ((r, 0.0) for r in call)
+            for k, (reply, received_at) in enumerate(replies):
+                link_ms = clock.receive(reply.ByteSize(), received_at) + (up_ms if k == 0 else 0.0)
+                yield Forwarded(messages.answer_from_reply(reply), size if k == 0 else 0,
+                                encode_ms if k == 0 else 0.0, link_ms)
+        except grpc.RpcError as e:
+            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
+                                  _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
         try:
@@ -147,6 +190,27 @@ class NextTierClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _timed_replies(call) -> Iterator[tuple[pb.InferReply, float]]:
+    """``(reply, time.monotonic() it was received)`` for each reply of a streaming ``call``, read by a thread so that
+    a reply arriving while the caller still sleeps out an earlier one's emulated link is timed when it arrived."""
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    end = object()
+
+    def read() -> None:
+        try:
+            for reply in call:
+                box.put((reply, time.monotonic()))
+            box.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            box.put(e)
+
+    threading.Thread(target=read, name="stream-reader", daemon=True).start()
+    while (item := box.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def open_channel(target: str, security: Security | None = None, options: list | None = None) -> grpc.Channel:

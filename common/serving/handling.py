@@ -5,6 +5,7 @@ Shared by the gRPC servicer and the in-process chain, so both decode, validate a
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 from common.errors import InvalidRequest
 from common.serving.runtime import TierRuntime
@@ -29,3 +30,22 @@ def answer_request(runtime: TierRuntime, received: Received, deadline: float | N
     hop.decode_ms = (decoded - start) * 1e3
     hop.handle_ms = (time.perf_counter() - start) * 1e3
     return answer
+
+
+def answer_stream(runtime: TierRuntime, received: Received, deadline: float | None = None) -> Iterator[Answer]:
+    """``answer_request`` as a stream of partial answers (``runtime.stream``). This tier's hop gets the decode time
+    in its first part; its ``handle_ms`` is spread over the parts carrying a hop of this tier so that they add up to
+    the time from receiving the request to the last such part."""
+    start = time.perf_counter()
+    batch = batch_from_request(received.message)
+    batch.deadline = deadline
+    decoded = time.perf_counter()
+    tier, counted, first = runtime.spec.tier, 0.0, True
+    for part in runtime.stream(batch, bytes_received=received.nbytes):
+        for hop in part.trace:
+            if hop.tier == tier:
+                elapsed = (time.perf_counter() - start) * 1e3
+                hop.handle_ms, counted = elapsed - counted, elapsed
+                if first:
+                    hop.decode_ms, first = (decoded - start) * 1e3, False
+        yield part

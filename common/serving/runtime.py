@@ -3,13 +3,17 @@
 ``TierRuntime`` knows nothing about gRPC or protobuf. The next tier is an injected function (``Forward``) that takes
 the declined samples as a ``Batch`` and returns the next tier's ``Answer`` together with the serialized size of the
 request it sent, so the runtime is tested in process and served unchanged by ``common.serving.server``.
+
+Answers can also stream (``TierRuntime.stream``): the samples this tier's exit answered go out as soon as the gate has
+decided, before the rest is forwarded, followed by the next tier's partial answers as they arrive (from an injected
+``ForwardStream``). ``process`` is the merge of that stream, so the unary and the streamed call share one path.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +21,7 @@ from torch import Tensor, nn
 from common.errors import DownstreamError, InvalidRequest, PreconditionFailed, quote
 from common.model.bundle import Manifest
 from common.model.gates import ConstantGate, Gate, softmax_stats
-from common.wire.batch import Answer, Batch, Hop, Prediction
+from common.wire.batch import Answer, Batch, Hop, Prediction, merge_answers
 from common.wire.tensors import DTYPES, dtype_name
 
 
@@ -32,6 +36,10 @@ class Forwarded:
 
 
 Forward = Callable[[Batch], Forwarded]
+# The next tier answering as a stream: one ``Forwarded`` per partial answer, in arrival order. The first part carries
+# the request's size and encoding time, every part its own share of the emulated link delay. A failure raises
+# ``DownstreamError`` from the iteration, possibly after some parts.
+ForwardStream = Callable[[Batch], Iterator[Forwarded]]
 ON_DOWNSTREAM_FAILURE = ("degrade", "fail")
 MAX_REQUEST_ID = 256
 
@@ -72,8 +80,9 @@ class TierRuntime:
     """Serve one segment: run it, let the gate pick who exits here, forward the rest as one batch."""
 
     def __init__(self, spec: TierSpec, segment: nn.Module, gate: Gate, forward: Forward | None = None,
-                 compute_scale: float = 1.0, on_downstream_failure: str = "degrade") -> None:
-        if not spec.is_last and forward is None:
+                 compute_scale: float = 1.0, on_downstream_failure: str = "degrade",
+                 forward_stream: ForwardStream | None = None) -> None:
+        if not spec.is_last and forward is None and forward_stream is None:
             raise ValueError(f"tier {spec.tier!r} is not the last tier and needs a next tier to forward to")
         if on_downstream_failure not in ON_DOWNSTREAM_FAILURE:
             raise ValueError(f"on_downstream_failure must be one of {ON_DOWNSTREAM_FAILURE}")
@@ -86,6 +95,7 @@ class TierRuntime:
         # The last tier always answers, whatever gate its manifest names.
         self.gate: Gate = ConstantGate(True) if spec.is_last else gate
         self.forward = forward
+        self.forward_stream = forward_stream  # preferred over ``forward`` when given
         # Emulate a slower (or faster-looking) machine: compute is stretched to compute_scale x the measured time.
         self.compute_scale = compute_scale
 
@@ -130,6 +140,25 @@ class TierRuntime:
     def run_validated(self, batch: Batch, bytes_received: int = 0) -> Answer:
         """``process`` without the checks, for a batch already known to pass ``validate`` (the dynamic batcher's
         merged batches, whose parts were each validated on arrival)."""
+        return merge_answers(batch.request_id, batch.sample_ids, self.stream_validated(batch, bytes_received))
+
+    def stream(self, batch: Batch, bytes_received: int = 0) -> Iterator[Answer]:
+        """Answer ``batch`` as a stream of partial answers (see ``stream_validated``); validated first."""
+        self.validate(batch)
+        return self.stream_validated(batch, bytes_received)
+
+    def _forward_parts(self, onward: Batch) -> Iterator[Forwarded]:
+        if self.forward_stream is not None:
+            return self.forward_stream(onward)
+        return iter((self.forward(onward),))
+
+    def stream_validated(self, batch: Batch, bytes_received: int = 0) -> Iterator[Answer]:
+        """Partial answers of ``batch``, every sample in exactly one of them: first the samples this tier's exit
+        answered, yielded before anything is forwarded (with this tier's hop), then each partial answer of the next
+        tier as it arrives, then a closing part with this tier's forwarding figures (a hop of this tier with
+        ``samples_in`` 0) and, should the next tier fail, the samples it had not answered yet, answered here
+        degraded. With no early exit the hop rides on the first relayed part instead of a part of its own.
+        ``merge_answers`` of the parts is the unary answer."""
         s = self.spec
         start = time.perf_counter()
         with torch.inference_mode():
@@ -146,45 +175,63 @@ class TierRuntime:
         ids = batch.sample_ids
         labels, confidences = stats["label"].tolist(), stats["confidence"].tolist()  # one conversion, not one per sample
         exit_mask = exits.tolist()
-        by_id: dict[int, Prediction] = {}
-        for i, leaves in enumerate(exit_mask):
-            if leaves:
-                by_id[ids[i]] = Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index)
-        hop = Hop(s.tier, len(ids), len(by_id), compute_ms, bytes_received, flops=s.flops_per_sample * len(ids))
-        trace = [hop]
+        local = [Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index)
+                 for i, leaves in enumerate(exit_mask) if leaves]
+        hop = Hop(s.tier, len(ids), len(local), compute_ms, bytes_received, flops=s.flops_per_sample * len(ids))
         rest = [i for i, leaves in enumerate(exit_mask) if not leaves]
-        if rest:
-            # Everyone going on (a never gate, a hard batch) needs no gathered copy of the features.
-            onward_features = features if len(rest) == len(ids) else features[rest]
-            if onward_features.is_floating_point() and not all_finite(onward_features):
-                # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent on,
-                # the next tier would refuse them, and the caller would see a broken deployment instead.
-                raise _out_of_range(s.tier, "segment")
-            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest], onward_features,
-                           batch.deadline, batch.queued_s)
-            t0 = time.perf_counter()
-            try:
-                forwarded = self.forward(onward)
-            except DownstreamError as e:
-                hop.forward_ms = (time.perf_counter() - t0) * 1e3
-                if e.code != "UNAVAILABLE" or self.on_downstream_failure != "degrade":
-                    raise
-                # Answer what we would have forwarded with our own exit: worse than the next tier, but an answer.
-                for i in rest:
-                    by_id[ids[i]] = Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index,
-                                               degraded=True)
-                hop.samples_degraded, hop.downstream_error = len(rest), str(e)
-                return Answer(batch.request_id, [by_id[i] for i in ids], trace)
-            hop.forward_ms = (time.perf_counter() - t0) * 1e3
-            hop.bytes_sent = forwarded.request_bytes
-            hop.encode_ms, hop.link_ms = forwarded.encode_ms, forwarded.link_ms
-            got = [p.sample_id for p in forwarded.answer.predictions]
-            if sorted(got) != sorted(onward.sample_ids):
-                raise DownstreamError(
-                    f"the next tier answered {len(got)} samples for {len(onward.sample_ids)} sent", "INTERNAL")
-            by_id.update((p.sample_id, p) for p in forwarded.answer.predictions)
-            trace += forwarded.answer.trace
-        return Answer(batch.request_id, [by_id[i] for i in ids], trace)
+        if not rest:
+            yield Answer(batch.request_id, local, [hop])
+            return
+        # Everyone going on (a never gate, a hard batch) needs no gathered copy of the features.
+        onward_features = features if len(rest) == len(ids) else features[rest]
+        if onward_features.is_floating_point() and not all_finite(onward_features):
+            # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent on, the
+            # next tier would refuse them, and the caller would see a broken deployment instead. Checked before
+            # anything is answered, so a refused request has no answers out.
+            raise _out_of_range(s.tier, "segment")
+        held = [hop]  # this tier's hop goes out with the first part sent
+        if local:
+            yield Answer(batch.request_id, local, held)
+            held = []
+        onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest], onward_features,
+                       batch.deadline, batch.queued_s)
+        closing = Hop(s.tier, 0, 0, 0.0)
+        outstanding = set(onward.sample_ids)
+        t0 = time.perf_counter()
+        parts = None
+        try:
+            parts = self._forward_parts(onward)
+            for part in parts:
+                closing.bytes_sent += part.request_bytes
+                closing.encode_ms += part.encode_ms
+                closing.link_ms += part.link_ms
+                got = [p.sample_id for p in part.answer.predictions]
+                if len(set(got)) != len(got) or not outstanding.issuperset(got):
+                    raise DownstreamError("the next tier answered samples it was not sent or answered twice",
+                                          "INTERNAL")
+                outstanding.difference_update(got)
+                yield Answer(batch.request_id, part.answer.predictions, held + part.answer.trace)
+                held = []
+            if outstanding:
+                sent = len(onward.sample_ids)
+                raise DownstreamError(f"the next tier answered {sent - len(outstanding)} samples for {sent} sent",
+                                      "INTERNAL")
+        except DownstreamError as e:
+            closing.forward_ms = (time.perf_counter() - t0) * 1e3
+            if e.code != "UNAVAILABLE" or self.on_downstream_failure != "degrade":
+                raise
+            # Answer what the next tier has not answered with our own exit: worse than the next tier, but an answer.
+            degraded = [Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index, degraded=True)
+                        for i in rest if ids[i] in outstanding]
+            closing.samples_degraded, closing.downstream_error = len(degraded), str(e)
+            yield Answer(batch.request_id, degraded, held + [closing])
+            return
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:  # a stream abandoned half way: cancel the call to the next tier
+                close()
+        closing.forward_ms = (time.perf_counter() - t0) * 1e3
+        yield Answer(batch.request_id, [], held + [closing])
 
 
 def _out_of_range(tier: str, part: str) -> InvalidRequest:

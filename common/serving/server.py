@@ -16,12 +16,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from common.errors import RequestError, quote
 from common.model.bundle import Manifest
-from common.serving.handling import answer_request
+from common.serving.handling import answer_request, answer_stream
 from common.serving.metrics import TierMetrics
 from common.serving.options import DEFAULT_MAX_MESSAGE_BYTES, NO_DEADLINE_S, SERVICE_NAME, server_options
 from common.serving.runtime import MAX_REQUEST_ID, TierRuntime
 from common.serving.security import Security
 from common.wire import codecs, messages
+from common.wire.batch import merge_answers
 from common.wire.tensors import DEFAULT_LIMITS, TensorLimits
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
@@ -94,6 +95,45 @@ class TierServicer(pb_grpc.TierServicer):
             log.debug("request %s answered", rid, extra=fields)
         return messages.reply_from_answer(answer)
 
+    def InferStream(self, received: messages.Received, context: grpc.ServicerContext):
+        """``Infer`` with the answers streamed as the tiers decide them (``handling.answer_stream``). The deadline
+        covers the whole stream; an error after some replies ends the stream with its status code."""
+        if self.runtime is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
+        t0 = time.perf_counter()
+        request, size = received.message, received.nbytes
+        parts = []
+        try:
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+            for part in answer_stream(self.runtime, received, deadline):
+                parts.append(part)
+                yield messages.reply_from_answer(part)
+            answer = merge_answers(request.request_id, list(request.sample_ids), parts)
+        except RequestError as e:
+            code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
+            self._failed(request.request_id, code, t0)
+            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
+                        extra={"request_id": request.request_id, "code": code.name})
+            context.abort(code, str(e))
+        except Exception as e:  # a bug, not a bad request
+            self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
+            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        seconds = time.perf_counter() - t0
+        hop = answer.trace[0]
+        if self.metrics is not None:
+            self.metrics.observe(answer, size, seconds)
+            if not hasattr(self.runtime, "on_batch"):
+                self.metrics.batch_ran(len(answer.predictions))
+        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
+                  "ms": round(seconds * 1e3, 3), "streamed": True}
+        if hop.samples_degraded:
+            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
+                        hop.downstream_error, extra=fields)
+        else:
+            log.debug("request %s answered", request.request_id, extra=fields)
+
     def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:
         if self.metrics is not None:
             self.metrics.error(code.name, time.perf_counter() - t0)
@@ -114,6 +154,9 @@ def add_tier_service(servicer: TierServicer, server: grpc.Server) -> None:
 
     server.add_registered_method_handlers(SERVICE_NAME, {
         "Infer": handler(servicer.Infer, pb.InferRequest, pb.InferReply, messages.Received.parse),
+        "InferStream": grpc.unary_stream_rpc_method_handler(
+            servicer.InferStream, request_deserializer=messages.Received.parse,
+            response_serializer=pb.InferReply.SerializeToString),
         "Describe": handler(servicer.Describe, pb.DescribeRequest, pb.TierDescription),
     })
 

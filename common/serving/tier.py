@@ -77,6 +77,9 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     g.add_argument("--on-downstream-failure", choices=ON_DOWNSTREAM_FAILURE, default="degrade",
                    help="when the next tier is unreachable or out of time: answer with this tier's exit, marked "
                         "degraded (default), or fail the request with UNAVAILABLE")
+    g.add_argument("--forward-call", choices=("stream", "unary"), default="stream",
+                   help="call the next tier by InferStream, relaying its answers as they arrive (default), or by "
+                        "the unary Infer")
     g.add_argument("--grace", type=non_negative_float, default=5.0,
                    help="seconds to drain in-flight requests on SIGTERM")
     g.add_argument("--health-interval", type=positive_float, default=0.5,
@@ -195,7 +198,9 @@ class Tier:
                                           wire=plan.wire, link=plan.link, security=plan.security)
         runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest, args.max_batch), bundle.segment, gate,
                               self.forward, compute_scale=args.compute_scale,
-                              on_downstream_failure=args.on_downstream_failure)
+                              on_downstream_failure=args.on_downstream_failure,
+                              forward_stream=self.forward.stream if self.forward and args.forward_call == "stream"
+                              else None)
         kind, params = runtime.gate.kind, scalar_params(runtime.gate)
         self.servicer.description = describe_tier(bundle.manifest, kind, params, args.next or "", policy, calibration,
                                                   args.max_batch, plan.max_message_bytes)

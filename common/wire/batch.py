@@ -5,7 +5,7 @@ runtime, the batcher and the in-process chain work on them directly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from torch import Tensor
 
@@ -60,3 +60,38 @@ class Answer:
     request_id: str
     predictions: list[Prediction]
     trace: list[Hop] = field(default_factory=list)
+
+
+def combine_hops(a: Hop, b: Hop) -> Hop:
+    """One hop from two partial hops of the same tier (a streamed answer sends a tier's figures in two parts):
+    numbers add up, error texts are joined."""
+    values = {}
+    for f in fields(Hop):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "tier":
+            values[f.name] = x
+        elif isinstance(x, str):
+            values[f.name] = "; ".join(v for v in (x, y) if v)
+        else:
+            values[f.name] = x + y
+    return Hop(**values)
+
+
+def merge_answers(request_id: str, sample_ids: list[int], parts) -> Answer:
+    """The one answer of a request from the partial answers of its stream: predictions in request order, and one
+    hop per tier (in order of first appearance) adding up that tier's partial hops. ``ValueError`` when a sample is
+    answered twice or not at all."""
+    by_id: dict[int, Prediction] = {}
+    hops: dict[str, Hop] = {}
+    for part in parts:
+        for p in part.predictions:
+            if p.sample_id in by_id:
+                raise ValueError(f"sample {p.sample_id} answered twice")
+            by_id[p.sample_id] = p
+        for h in part.trace:
+            hops[h.tier] = combine_hops(hops[h.tier], h) if h.tier in hops else replace(h)
+    missing = [i for i in sample_ids if i not in by_id]
+    if missing or len(by_id) != len(sample_ids):
+        raise ValueError(f"{len(missing)} of {len(sample_ids)} samples not answered, "
+                         f"{len(by_id) - len(sample_ids) + len(missing)} answered that were not asked")
+    return Answer(request_id, [by_id[i] for i in sample_ids], list(hops.values()))

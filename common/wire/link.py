@@ -70,3 +70,37 @@ def emulate_link(link: LinkModel | None, request_bytes: int, reply_bytes: int) -
     delay = link.delay_s(request_bytes, reply_bytes)
     time.sleep(delay)
     return delay * 1e3
+
+
+class StreamLinkClock:
+    """The same link model for one request answered by a stream of replies.
+
+    Sending the request costs half the round trip plus its bytes; a reply received (on loopback) at ``received_at``
+    arrives over the emulated link half a round trip later plus its bytes' time, but never before the previous reply
+    has been clocked through. A single reply therefore costs exactly ``LinkModel.delay_s``, and replies that follow
+    one another closely share the round trip instead of each paying it.
+    """
+
+    def __init__(self, link: LinkModel | None, monotonic=time.monotonic, sleep=time.sleep) -> None:
+        self.link = link
+        self._monotonic, self._sleep = monotonic, sleep
+        self._free = 0.0  # monotonic time at which the link has delivered every earlier reply
+
+    def send(self, request_bytes: int) -> float:
+        """Sleep the uplink part of the exchange; return it in ms."""
+        if self.link is None:
+            return 0.0
+        delay = self.link.rtt_s / 2 + request_bytes * 8.0 / self.link.rate_bps
+        self._sleep(delay)
+        return delay * 1e3
+
+    def receive(self, reply_bytes: int, received_at: float) -> float:
+        """Sleep until the reply received at ``received_at`` (``time.monotonic()``) would have arrived; ms slept."""
+        if self.link is None:
+            return 0.0
+        arrival = max(received_at + self.link.rtt_s / 2, self._free) + reply_bytes * 8.0 / self.link.rate_bps
+        self._free = arrival
+        delay = arrival - self._monotonic()
+        if delay > 0:
+            self._sleep(delay)
+        return max(delay, 0.0) * 1e3
