@@ -211,11 +211,12 @@ def create_server(
 
     A call holds one of the ``max_workers`` threads from its headers until its reply, waiting for its body included.
     So that one connection cannot hold them all (a peer opening calls and never sending their bodies), one
-    connection gets at most ``max_streams_per_connection`` concurrent calls (default: half the workers; HTTP/2
-    clients queue the rest), and the health service always finds a free worker.
+    connection gets at most ``max_streams_per_connection`` concurrent streams (default: half the workers, plus one
+    for the caller's client-side health watch, a stream that lasts as long as the connection but holds no worker;
+    HTTP/2 clients queue the rest), and the health service always finds a free worker.
     """
     security = security or Security()
-    streams = max_streams_per_connection or max(1, max_workers // 2)
+    streams = max_streams_per_connection or max_workers // 2 + 1
     # Bound the calls admitted at once: past MAX_CALLS_PER_WORKER x workers, gRPC answers RESOURCE_EXHAUSTED instead
     # of buffering ever more large requests in memory. Well above the workers, because a slot is freed only after
     # the reply is sent: clients that each keep one call in flight must never see the limit.

@@ -65,8 +65,8 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     g.add_argument("--workers", type=positive_int, default=8, help="gRPC worker threads")
     g.add_argument("--max-streams-per-connection", type=positive_int, default=None,
-                   help="concurrent calls one client connection may have (default: half of --workers), so that no "
-                        "single connection can hold every worker")
+                   help="concurrent streams one client connection may have (default: half of --workers, plus one "
+                        "for the caller's health watch), so that no single connection can hold every worker")
     g.add_argument("--return-freed-memory", action="store_true",
                    help="give freed activation memory back to the OS after each request and keep one allocator "
                         "arena per thread (glibc's defaults; slower: requests page-fault their tensors in again)")
