@@ -175,11 +175,13 @@ def test_draining_waits_for_an_open_stream():
     next tier still holds the rest, and the stream still ends with every sample answered."""
     from common.serving.server import TierServicer, create_server
     from proto import splitexit_pb2 as pb
+    from tests.conftest import mark_serving
 
     release = threading.Event()
     rt = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), forward_stream=StreamingNext(release))
-    server, port, _ = create_server(TierServicer(rt, pb.TierDescription(tier="device")), "127.0.0.1:0")
+    server, port, health = create_server(TierServicer(rt, pb.TierDescription(tier="device")), "127.0.0.1:0")
     server.start()
+    mark_serving(health)  # callers balance on the replica health: a server that never reports it gets no calls
     client = NextTierClient(f"127.0.0.1:{port}", timeout_s=TIMEOUT)
     b = batch([[5, 0], [-5, 0]])
     stopped = None
