@@ -37,9 +37,7 @@ class LocalLink:
         self.wire, self.link = wire, link
 
     def __call__(self, batch: Batch) -> Forwarded:
-        start = time.perf_counter()
-        request = messages.encode_request(batch, self.wire)
-        encode_ms = (time.perf_counter() - start) * 1e3
+        request, encode_ms = messages.encode_request_timed(batch, self.wire)
         answer = answer_request(self.runtime, messages.Received.parse(request))
         size = len(request)
         link_ms = emulate_link(self.link, size, messages.reply_from_answer(answer).ByteSize()) if self.link else 0.0
@@ -48,9 +46,7 @@ class LocalLink:
     def stream(self, batch: Batch) -> Iterator[Forwarded]:
         """The streamed exchange (``ForwardStream``), as ``InferStream`` carries it: one ``Forwarded`` per partial
         answer of the runtime, the request's size and encoding on the first."""
-        start = time.perf_counter()
-        request = messages.encode_request(batch, self.wire)
-        encode_ms = (time.perf_counter() - start) * 1e3
+        request, encode_ms = messages.encode_request_timed(batch, self.wire)
         size = len(request)
         clock = StreamLinkClock(self.link)
         up_ms = clock.send(size)

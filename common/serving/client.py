@@ -131,9 +131,7 @@ class NextTierClient:
         if timeout <= 0:
             raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
                                   "UNAVAILABLE")
-        start = time.perf_counter()
-        request = messages.encode_request(batch, self.wire)
-        encode_ms = (time.perf_counter() - start) * 1e3
+        request, encode_ms = messages.encode_request_timed(batch, self.wire)
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
             reply = self._infer(request, timeout=timeout, metadata=self.metadata)
@@ -157,9 +155,7 @@ class NextTierClient:
         if not self.reachable:
             raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
                                   "UNAVAILABLE")
-        start = time.perf_counter()
-        request = messages.encode_request(batch, self.wire)
-        encode_ms = (time.perf_counter() - start) * 1e3
+        request, encode_ms = messages.encode_request_timed(batch, self.wire)
         size = len(request)
         clock = StreamLinkClock(self.link)
         up_ms = clock.send(size)
