@@ -305,3 +305,79 @@ def test_hostile_mix_never_gets_internal_and_stays_bounded(served, caplog):
                                                            tensor=codecs.encode(torch.ones(1, 2))).SerializeToString(),
                                            timeout=10))
     assert len(reply.predictions) == 1
+
+
+# 11. The streamed call gets the same refusals as the unary one ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_stream():
+    """The ``served`` tier's ``InferStream``, as a raw call returning every reply."""
+    metrics = TierMetrics("device")
+    runtime = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), FakeNext())
+    server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier="device"), metrics),
+                                         "127.0.0.1:0", max_workers=4)
+    server.start()
+    mark_serving(health)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stream = channel.unary_stream("/splitexit.v1.Tier/InferStream")
+    yield (lambda body, timeout=10: list(stream(body, timeout=timeout))), metrics
+    channel.close()
+    server.stop(0).wait()
+
+
+def test_the_streamed_call_checks_the_header_before_inflating(served_stream):
+    infer, _ = served_stream
+    bad = _bomb([1, 2], 8, model_id="another-export")
+    bad.tensor.data = b"not zlib at all"
+    err = _call(infer, bad.SerializeToString())
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "model id" in err.details()
+    err = _call(infer, b"\xff\xff\xff")  # not an InferRequest at all
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_streamed_call_bounds_and_escapes_caller_strings(served_stream, caplog):
+    infer, metrics = served_stream
+    before = _errors(metrics, "FAILED_PRECONDITION")
+    body = pb.InferRequest(request_id="x\ninjected", model_id="m" * 20_000, sample_ids=[1],
+                           tensor=codecs.encode(torch.zeros(1, 2))).SerializeToString()
+    with caplog.at_level(logging.WARNING, logger="splitexit.server"):
+        err = _call(infer, body)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and len(err.details()) <= 520
+    assert _errors(metrics, "FAILED_PRECONDITION") == before + 1
+    assert all("\n" not in r.getMessage() and len(r.getMessage()) < 1_000 for r in caplog.records)
+
+
+def test_a_merged_batch_of_long_ids_keeps_its_id_within_the_limit():
+    """Two callers whose ids are at the limit share a batch: the batch sent on must pass the next tier's checks."""
+    import threading
+
+    from common.serving.batching import DynamicBatcher
+    from common.serving.runtime import MAX_REQUEST_ID
+
+    nxt = FakeNext()
+    runtime = TierRuntime(spec(), ToySegment(), ConstantGate(False), nxt)
+    checked = TierRuntime(spec(), ToySegment(), ConstantGate(True), FakeNext())
+    batcher = DynamicBatcher(runtime, max_batch=8, max_delay_s=5.0, workers=1)
+    results = []
+
+    def caller(k: int) -> None:
+        ids = [2 * k, 2 * k + 1]
+        results.append(batcher.process(Batch("r" * (MAX_REQUEST_ID - 1) + str(k), "m1", ids, torch.ones(2, 2))))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]  # 4 x 2 samples fill the batch
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    batcher.close()
+    assert len(results) == 4 and nxt.calls, "the callers were not answered"
+    for sent in nxt.calls:
+        checked.check_header(sent.request_id, sent.model_id, sent.sample_ids)  # would raise on a too-long id
+
+
+def test_a_stream_on_a_closed_channel_is_unavailable_not_internal():
+    client = NextTierClient("127.0.0.1:9", timeout_s=5)
+    client.close()
+    with pytest.raises(DownstreamError) as err:
+        list(client.stream(Batch("r", "m1", [1], torch.zeros(1, 2))))
+    assert err.value.code == "UNAVAILABLE"

@@ -38,7 +38,7 @@ class LocalLink:
 
     def __call__(self, batch: Batch) -> Forwarded:
         request, encode_ms = messages.encode_request_timed(batch, self.wire)
-        answer = answer_request(self.runtime, messages.Received.parse(request))
+        answer = answer_request(self.runtime, messages.Received.parse(request), batch.deadline)
         size = len(request)
         link_ms = emulate_link(self.link, size, messages.reply_from_answer(answer).ByteSize()) if self.link else 0.0
         return Forwarded(answer, size, encode_ms, link_ms)

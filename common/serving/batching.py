@@ -27,7 +27,7 @@ import torch
 
 from common.errors import InvalidRequest
 from common.wire.batch import Answer, Batch, merge_answers
-from common.serving.runtime import TierRuntime
+from common.serving.runtime import MAX_REQUEST_ID, TierRuntime
 
 
 @dataclass
@@ -190,7 +190,8 @@ class DynamicBatcher:
                     n += len(p.batch.sample_ids)
                 deadlines = [p.batch.deadline for p in group if p.batch.deadline is not None]
                 first = group[0].batch
-                merged = Batch(f"{first.request_id}+{len(group) - 1}", first.model_id, list(range(n)),
+                # The merged id must pass the next tier's length check whatever the callers' ids are.
+                merged = Batch(f"{first.request_id[:MAX_REQUEST_ID - 16]}+{len(group) - 1}", first.model_id, list(range(n)),
                                torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None,
                                queued)
                 # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at

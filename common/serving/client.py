@@ -123,7 +123,9 @@ class NextTierClient:
                                                        response_deserializer=pb.InferReply.FromString)
         self.reachable = True  # set by a health watcher; False = fail at once without trying (circuit open)
 
-    def __call__(self, batch: Batch) -> Forwarded:
+    def _timeout(self, batch: Batch) -> float:
+        """Seconds the call for ``batch`` may take; ``DownstreamError`` (UNAVAILABLE) when it must not be made at all:
+        the next tier is known to be unreachable, or the batch has no time left."""
         if not self.reachable:
             raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
                                   "UNAVAILABLE")
@@ -131,16 +133,24 @@ class NextTierClient:
         if timeout <= 0:
             raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
                                   "UNAVAILABLE")
+        return timeout
+
+    def _failure(self, e: Exception) -> DownstreamError:
+        """What a failed call means to the runtime (see ``_DOWNSTREAM``)."""
+        if isinstance(e, grpc.RpcError):
+            return DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
+                                   _DOWNSTREAM.get(e.code(), "INTERNAL"))
+        # ValueError "Cannot invoke RPC on closed channel!": this tier is shutting down
+        return DownstreamError(f"the channel to next tier {self.target} is closed (shutting down)", "UNAVAILABLE")
+
+    def __call__(self, batch: Batch) -> Forwarded:
+        timeout = self._timeout(batch)
         request, encode_ms = messages.encode_request_timed(batch, self.wire)
         try:
             # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
             reply = self._infer(request, timeout=timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
-                                  _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
-        except ValueError:  # "Cannot invoke RPC on closed channel!": this tier is shutting down
-            raise DownstreamError(f"the channel to next tier {self.target} is closed (shutting down)",
-                                  "UNAVAILABLE") from None
+        except (grpc.RpcError, ValueError) as e:
+            raise self._failure(e) from None
         size = len(request)
         link_ms = emulate_link(self.link, size, reply.ByteSize())
         return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
@@ -152,18 +162,16 @@ class NextTierClient:
         already yielded). Abandoning the iteration cancels the call. With an emulated link each reply is held back
         until it would have arrived (``StreamLinkClock``), timed from when it really arrived: a reader thread takes
         the replies off the call meanwhile."""
-        if not self.reachable:
-            raise DownstreamError(f"next tier {self.target} is unreachable (health check); not forwarding",
-                                  "UNAVAILABLE")
+        self._timeout(batch)  # refuse before paying for encoding and the uplink
         request, encode_ms = messages.encode_request_timed(batch, self.wire)
         size = len(request)
         clock = StreamLinkClock(self.link)
         up_ms = clock.send(size)
-        timeout = forward_timeout(batch.deadline, self.timeout_s, time.monotonic())
-        if timeout <= 0:
-            raise DownstreamError(f"no time left to forward to {self.target}: the deadline has run out",
-                                  "UNAVAILABLE")
-        call = self._infer_stream(request, timeout=timeout, metadata=self.metadata)
+        timeout = self._timeout(batch)  # what is left after the uplink
+        try:
+            call = self._infer_stream(request, timeout=timeout, metadata=self.metadata)
+        except ValueError as e:
+            raise self._failure(e) from None
         try:
             replies = _timed_replies(call) if self.link is not None else ((r, 0.0) for r in call)
             for k, (reply, received_at) in enumerate(replies):
@@ -171,8 +179,7 @@ class NextTierClient:
                 yield Forwarded(messages.answer_from_reply(reply), size if k == 0 else 0,
                                 encode_ms if k == 0 else 0.0, link_ms)
         except grpc.RpcError as e:
-            raise DownstreamError(f"next tier {self.target} failed: {e.code().name}: {e.details()}",
-                                  _DOWNSTREAM.get(e.code(), "INTERNAL")) from None
+            raise self._failure(e) from None
         finally:
             call.cancel()  # no-op once the stream has ended
 

@@ -9,21 +9,27 @@ from typing import Iterator
 
 from common.errors import InvalidRequest
 from common.serving.runtime import TierRuntime
-from common.wire.batch import Answer
+from common.wire.batch import Answer, Batch
 from common.wire.messages import Received, batch_from_request
+
+
+def _receive(runtime: TierRuntime, received: Received, deadline: float | None) -> Batch:
+    """The received request as a ``Batch``: refused first if it did not parse, then on everything that needs no
+    tensor, so that a request refused anyway is never decoded (or inflated)."""
+    if received.error:
+        raise InvalidRequest(received.error)
+    request = received.message
+    runtime.check_header(request.request_id, request.model_id, request.sample_ids)
+    batch = batch_from_request(request)
+    batch.deadline = deadline
+    return batch
 
 
 def answer_request(runtime: TierRuntime, received: Received, deadline: float | None = None) -> Answer:
     """Decode the received request, let ``runtime`` answer it, and stamp this tier's hop with decode and handling
     time. ``deadline`` (``time.monotonic()``) is when the caller needs the answer; the runtime passes it on."""
     start = time.perf_counter()
-    if received.error:
-        raise InvalidRequest(received.error)
-    request = received.message
-    # Everything that needs no tensor first: a request that is refused anyway is never decoded (or inflated).
-    runtime.check_header(request.request_id, request.model_id, request.sample_ids)
-    batch = batch_from_request(request)
-    batch.deadline = deadline
+    batch = _receive(runtime, received, deadline)
     decoded = time.perf_counter()
     answer = runtime.process(batch, bytes_received=received.nbytes)
     hop = answer.trace[0]
@@ -37,8 +43,7 @@ def answer_stream(runtime: TierRuntime, received: Received, deadline: float | No
     in its first part; its ``handle_ms`` is spread over the parts carrying a hop of this tier so that they add up to
     the time from receiving the request to the last such part."""
     start = time.perf_counter()
-    batch = batch_from_request(received.message)
-    batch.deadline = deadline
+    batch = _receive(runtime, received, deadline)
     decoded = time.perf_counter()
     tier, counted, first = runtime.spec.tier, 0.0, True
     for part in runtime.stream(batch, bytes_received=received.nbytes):

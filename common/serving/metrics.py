@@ -69,7 +69,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
                  "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        for key in ("tier", "request_id", "code", "samples", "degraded", "ms"):
+        for key in ("tier", "request_id", "code", "samples", "degraded", "ms", "streamed"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

@@ -17,20 +17,21 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from common.errors import RequestError, quote
 from common.model.bundle import Manifest
 from common.serving.handling import answer_request, answer_stream
+from common.serving.health import REPLICA_HEALTH_SERVICE
 from common.serving.metrics import TierMetrics
 from common.serving.options import DEFAULT_MAX_MESSAGE_BYTES, NO_DEADLINE_S, SERVICE_NAME, server_options
 from common.serving.runtime import MAX_REQUEST_ID, TierRuntime
 from common.serving.security import Security
 from common.wire import codecs, messages
-from common.wire.batch import merge_answers
+from common.wire.batch import Answer, merge_answers
 from common.wire.tensors import DEFAULT_LIMITS, TensorLimits
 from proto import splitexit_pb2 as pb
 from proto import splitexit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("splitexit.server")
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME)  # the whole server and the Tier service report the same status
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-MAX_CALLS_PER_WORKER = 4  # the whole server and the Tier service report the same status
+MAX_CALLS_PER_WORKER = 4
 
 _CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
@@ -49,6 +50,12 @@ def _bounded(message: object) -> str:
     return text if len(text) <= MAX_STATUS_MESSAGE else text[:MAX_STATUS_MESSAGE] + "..."
 
 
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """When the caller needs the answer (``time.monotonic()``), or None when it set no deadline."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
+
+
 class TierServicer(pb_grpc.TierServicer):
     """Adapts a ``TierRuntime`` to the ``Tier`` service. Until ``runtime`` is set (the tier is still loading) every
     call is answered UNAVAILABLE, which callers retry."""
@@ -63,36 +70,11 @@ class TierServicer(pb_grpc.TierServicer):
         if self.runtime is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         t0 = time.perf_counter()
-        request, size = received.message, received.nbytes
-        rid = quote(request.request_id)  # the caller's string, escaped and bounded for log messages
-        raw_id = request.request_id[:MAX_REQUEST_ID]  # JSON log fields escape it themselves
         try:
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
-            answer = answer_request(self.runtime, received, deadline)
-        except RequestError as e:
-            code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
-            self._failed(request.request_id, code, t0)
-            log.warning("request %s refused: %s: %s", rid, code.name, _bounded(e),
-                        extra={"request_id": raw_id, "code": code.name})
-            context.abort(code, _bounded(e))
-        except Exception as e:  # a bug, not a bad request: say so instead of gRPC's bare UNKNOWN
-            self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
-            log.exception("request %s failed", rid, extra={"request_id": raw_id})
-            context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{type(e).__name__}: {e}"))
-        seconds = time.perf_counter() - t0
-        hop = answer.trace[0]
-        if self.metrics is not None:
-            self.metrics.observe(answer, size, seconds)
-            if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
-                self.metrics.batch_ran(len(answer.predictions))
-        fields = {"request_id": raw_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
-                  "ms": round(seconds * 1e3, 3)}
-        if hop.samples_degraded:
-            log.warning("request %s: %d samples answered degraded: %s", rid, hop.samples_degraded,
-                        _bounded(hop.downstream_error), extra=fields)
-        else:
-            log.debug("request %s answered", rid, extra=fields)
+            answer = answer_request(self.runtime, received, _deadline(context))
+        except Exception as e:
+            self._refuse(context, received.message, e, t0)
+        self._answered(received, answer, t0)
         return messages.reply_from_answer(answer)
 
     def InferStream(self, received: messages.Received, context: grpc.ServicerContext):
@@ -101,40 +83,50 @@ class TierServicer(pb_grpc.TierServicer):
         if self.runtime is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the tier is still loading its model")
         t0 = time.perf_counter()
-        request, size = received.message, received.nbytes
-        parts = []
+        request, parts = received.message, []
         try:
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE_S else None
-            for part in answer_stream(self.runtime, received, deadline):
+            for part in answer_stream(self.runtime, received, _deadline(context)):
                 parts.append(part)
                 yield messages.reply_from_answer(part)
             answer = merge_answers(request.request_id, list(request.sample_ids), parts)
-        except RequestError as e:
-            code = _CODES.get(e.code, grpc.StatusCode.INTERNAL)
-            self._failed(request.request_id, code, t0)
-            log.warning("request %s refused: %s: %s", request.request_id, code.name, e,
-                        extra={"request_id": request.request_id, "code": code.name})
-            context.abort(code, str(e))
-        except Exception as e:  # a bug, not a bad request
-            self._failed(request.request_id, grpc.StatusCode.INTERNAL, t0)
-            log.exception("request %s failed", request.request_id, extra={"request_id": request.request_id})
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        except Exception as e:
+            self._refuse(context, request, e, t0)
+        self._answered(received, answer, t0, streamed=True)
+
+    def _refuse(self, context: grpc.ServicerContext, request: pb.InferRequest, error: Exception, t0: float):
+        """End the call for ``error`` (call it from the ``except`` clause): a refused request gets its status code
+        and one WARNING line; anything else is a bug, INTERNAL with the traceback logged, never gRPC's bare UNKNOWN.
+        Caller strings are quoted and every message bounded (``_bounded``)."""
+        rid = quote(request.request_id)  # the caller's string, escaped and bounded for log messages
+        raw_id = request.request_id[:MAX_REQUEST_ID]  # JSON log fields escape it themselves
+        if isinstance(error, RequestError):
+            code = _CODES.get(error.code, grpc.StatusCode.INTERNAL)
+            self._failed(code, t0)
+            log.warning("request %s refused: %s: %s", rid, code.name, _bounded(error),
+                        extra={"request_id": raw_id, "code": code.name})
+            context.abort(code, _bounded(error))
+        self._failed(grpc.StatusCode.INTERNAL, t0)
+        log.exception("request %s failed", rid, extra={"request_id": raw_id})
+        context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{type(error).__name__}: {error}"))
+
+    def _answered(self, received: messages.Received, answer: Answer, t0: float, streamed: bool = False) -> None:
+        """Metrics and the log line of an answered request (degraded answers are a WARNING)."""
         seconds = time.perf_counter() - t0
         hop = answer.trace[0]
         if self.metrics is not None:
-            self.metrics.observe(answer, size, seconds)
-            if not hasattr(self.runtime, "on_batch"):
+            self.metrics.observe(answer, received.nbytes, seconds)
+            if not hasattr(self.runtime, "on_batch"):  # a DynamicBatcher reports the batches it merges itself
                 self.metrics.batch_ran(len(answer.predictions))
-        fields = {"request_id": request.request_id, "samples": hop.samples_in, "degraded": hop.samples_degraded,
-                  "ms": round(seconds * 1e3, 3), "streamed": True}
+        request_id = received.message.request_id
+        fields = {"request_id": request_id[:MAX_REQUEST_ID], "samples": hop.samples_in,
+                  "degraded": hop.samples_degraded, "ms": round(seconds * 1e3, 3), "streamed": streamed}
         if hop.samples_degraded:
-            log.warning("request %s: %d samples answered degraded: %s", request.request_id, hop.samples_degraded,
-                        hop.downstream_error, extra=fields)
+            log.warning("request %s: %d samples answered degraded: %s", quote(request_id), hop.samples_degraded,
+                        _bounded(hop.downstream_error), extra=fields)
         else:
-            log.debug("request %s answered", request.request_id, extra=fields)
+            log.debug("request %s answered", quote(request_id), extra=fields)
 
-    def _failed(self, request_id: str, code: grpc.StatusCode, t0: float) -> None:
+    def _failed(self, code: grpc.StatusCode, t0: float) -> None:
         if self.metrics is not None:
             self.metrics.error(code.name, time.perf_counter() - t0)
 
@@ -228,7 +220,7 @@ def create_server(
     add_tier_service(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in HEALTH_SERVICES:
+    for name in (*HEALTH_SERVICES, REPLICA_HEALTH_SERVICE):  # until the tier says otherwise (TierHealth)
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
