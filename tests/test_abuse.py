@@ -2,6 +2,7 @@
 abandoning its call while the tier shuts down. Each gets a precise refusal; none gets INTERNAL or a traceback."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import tracemalloc
 import zlib
@@ -27,9 +28,9 @@ from tests.test_runtime import FakeNext, ToySegment, spec
 INFER = "/splitexit.v1.Tier/Infer"
 
 
-@pytest.fixture(scope="module")
-def served():
-    """An in-process device tier (2 float32 features per sample) with metrics; yields (raw Infer, metrics)."""
+@contextlib.contextmanager
+def _device_tier():
+    """An in-process device tier (2 float32 features per sample) with metrics; yields (channel, metrics)."""
     metrics = TierMetrics("device")
     runtime = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), FakeNext())
     server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier="device"), metrics),
@@ -37,9 +38,18 @@ def served():
     server.start()
     mark_serving(health)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield channel.unary_unary(INFER), metrics
-    channel.close()
-    server.stop(0).wait()
+    try:
+        yield channel, metrics
+    finally:
+        channel.close()
+        server.stop(0).wait()
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The device tier's raw ``Infer`` and its metrics."""
+    with _device_tier() as (channel, metrics):
+        yield channel.unary_unary(INFER), metrics
 
 
 def _errors(metrics: TierMetrics, code: str) -> float:
@@ -307,18 +317,10 @@ def test_hostile_mix_never_gets_internal_and_stays_bounded(served, caplog):
 
 @pytest.fixture(scope="module")
 def served_stream():
-    """The ``served`` tier's ``InferStream``, as a raw call returning every reply."""
-    metrics = TierMetrics("device")
-    runtime = TierRuntime(spec(), ToySegment(), ConfidenceGate(0.9), FakeNext())
-    server, port, health = create_server(TierServicer(runtime, pb.TierDescription(tier="device"), metrics),
-                                         "127.0.0.1:0", max_workers=4)
-    server.start()
-    mark_serving(health)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stream = channel.unary_stream("/splitexit.v1.Tier/InferStream")
-    yield (lambda body, timeout=10: list(stream(body, timeout=timeout))), metrics
-    channel.close()
-    server.stop(0).wait()
+    """The device tier's ``InferStream``, as a raw call returning every reply, and its metrics."""
+    with _device_tier() as (channel, metrics):
+        stream = channel.unary_stream("/splitexit.v1.Tier/InferStream")
+        yield (lambda body, timeout=10: list(stream(body, timeout=timeout))), metrics
 
 
 def test_the_streamed_call_checks_the_header_before_inflating(served_stream):
