@@ -46,6 +46,8 @@ class TrainConfig:
     exit_conv_channels: int = field(default=0, metadata={"help": "channels of a 3x3 conv in the exit heads (0 = "
                                                                  "none: global pool + linear)"})
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
+    cascade: bool = field(default=False, metadata={
+        "help": "every early exit head but the first also reads the previous early exit's logits (detached)"})
     bottleneck_channels: int = field(default=0, metadata={
         "help": "learned bottleneck on the device->edge link: channels the device sends (0 = none)"})
     bottleneck_stride: int = field(default=1, metadata={"help": "bottleneck: spatial downsampling of what is sent"})

@@ -39,6 +39,7 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int,
         exit_points=tuple(cfg.exit_points), mean=mean, std=std,
         exit_head=ExitHeadSpec(conv_channels=cfg.exit_conv_channels, conv_stride=cfg.exit_conv_stride),
         bottleneck=BottleneckSpec(channels=cfg.bottleneck_channels, stride=cfg.bottleneck_stride),
+        cascade=cfg.cascade,
     )
     model = MultiExitNet(spec)
     if cfg.pretrained:

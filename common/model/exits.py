@@ -55,6 +55,35 @@ def build_exit_head(feature_shape: tuple[int, ...], num_classes: int, spec: Exit
     return nn.Sequential(*layers)
 
 
+class CascadeExitHead(nn.Module):
+    """An exit head that also reads the previous early exit's logits (Zero Time Waste, Wolczyk et al., NeurIPS 2021).
+
+    ``body`` is the usual head without its linear layer (optional conv + BN + ReLU, global pool, flatten); the linear
+    layer reads ``cat([pooled, previous_logits])``, so ``C + K`` inputs. The caller passes ``previous`` detached: a
+    later head learns to use an earlier head's answer without pulling that head's training towards its own.
+    """
+
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, spec: ExitHeadSpec) -> None:
+        super().__init__()
+        plain = build_exit_head(feature_shape, num_classes, spec)
+        self.body = nn.Sequential(*list(plain)[:-1])
+        last: nn.Linear = plain[-1]
+        self.linear = nn.Linear(last.in_features + num_classes, num_classes)
+
+    def forward(self, features: Tensor, previous: Tensor) -> Tensor:
+        return self.linear(torch.cat([self.body(features), previous], dim=1))
+
+
+def apply_head(head: nn.Module, features: Tensor, previous: Tensor | None) -> Tensor:
+    """Run any exit head: a ``CascadeExitHead`` gets ``previous`` (the previous early exit's logits; required),
+    every other head (plain early heads, the backbone's final classifier) gets the features alone."""
+    if isinstance(head, CascadeExitHead):
+        if previous is None:
+            raise ValueError("a cascade exit head needs the previous early exit's logits, got None")
+        return head(features, previous)
+    return head(features)
+
+
 @dataclass(frozen=True)
 class BottleneckSpec(_FlatRecord):
     """A learned bottleneck on the device→edge link (after the first exit point): the device encodes its features
@@ -92,6 +121,8 @@ class ModelSpec:
     exit_points: tuple[int, ...] = (2, 4)
     exit_head: ExitHeadSpec = ExitHeadSpec()
     bottleneck: BottleneckSpec = BottleneckSpec()
+    # Every early exit head but the first also reads the previous early exit's logits (``CascadeExitHead``).
+    cascade: bool = False
     # Per-channel normalisation of the [0, 1]-scaled input, one value per input channel (the device tier applies it).
     mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
@@ -152,7 +183,9 @@ class MultiExitNet(nn.Module):
             raise ConfigError(f"exit points must be increasing stage boundaries in 1..{n - 1}, got {points}")
         shapes = self.backbone.feature_shapes(spec.input_shape)
         self.exits = nn.ModuleList(
-            build_exit_head(shapes[p - 1], spec.num_classes, spec.exit_head) for p in points
+            CascadeExitHead(shapes[p - 1], spec.num_classes, spec.exit_head) if spec.cascade and i > 0
+            else build_exit_head(shapes[p - 1], spec.num_classes, spec.exit_head)
+            for i, p in enumerate(points)
         )
         self.bottleneck_encoder: nn.Module | None = None
         self.bottleneck_decoder: nn.Module | None = None
@@ -171,12 +204,13 @@ class MultiExitNet(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         x = self.normalize(images)
-        outputs = []
+        outputs: list[Tensor] = []
         heads = dict(zip(self.spec.exit_points, self.exits))
         for k, stage in enumerate(self.backbone.stages, start=1):
             x = stage(x)
             if k in heads:
-                outputs.append(heads[k](x))
+                previous = outputs[-1].detach() if outputs else None
+                outputs.append(apply_head(heads[k], x, previous))
             x = self._cross_link(k, x)
         outputs.append(self.backbone.classifier(x))
         return outputs
