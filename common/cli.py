@@ -114,6 +114,14 @@ def tier_counts(value: str) -> dict[str, int]:
     return counts
 
 
+def exit_list(value: str) -> tuple[int, ...]:
+    """argparse type for ``I,J,...``: exit indices (>= 0), e.g. the last exit of each tier of a split."""
+    items = value.split(",")
+    if not all(item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"expected exit indices I,J,... (integers >= 0), e.g. 1,3, got {value!r}")
+    return tuple(int(item) for item in items)
+
+
 def tier_gates(values: list[str] | None) -> dict:
     """Parse repeated ``TIER=SPEC`` gate overrides (``device=confidence:0.9``) into ``{tier: Gate}``."""
     from common.model.gates import parse_gate

@@ -25,18 +25,20 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[str] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[float]] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model_id", "sample_ids", "tensor", "queued_ms")
+    __slots__ = ("request_id", "model_id", "sample_ids", "tensor", "queued_ms", "history")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     QUEUED_MS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_id: str
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     tensor: Tensor
     queued_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., queued_ms: _Optional[float] = ...) -> None: ...
+    history: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., sample_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., queued_ms: _Optional[float] = ..., history: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("sample_id", "label", "confidence", "exit_tier", "exit_index", "degraded")
@@ -101,7 +103,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierDescription(_message.Message):
-    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers", "policy", "calibration", "max_batch", "max_message_bytes", "tensor_limits", "codecs", "compressions", "input_mean", "input_std")
+    __slots__ = ("tier", "model_id", "architecture", "stages", "exit_index", "exit_head", "gate_kind", "gate_params", "input_shape", "input_dtype", "next_tier", "segment_flops", "head_flops", "full_network_flops", "class_names", "tiers", "policy", "calibration", "max_batch", "max_message_bytes", "tensor_limits", "codecs", "compressions", "input_mean", "input_std", "exits", "history")
     class GateParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,8 @@ class TierDescription(_message.Message):
     COMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_MEAN_FIELD_NUMBER: _ClassVar[int]
     INPUT_STD_FIELD_NUMBER: _ClassVar[int]
+    EXITS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     tier: str
     model_id: str
     architecture: str
@@ -159,7 +163,30 @@ class TierDescription(_message.Message):
     compressions: _containers.RepeatedScalarFieldContainer[str]
     input_mean: _containers.RepeatedScalarFieldContainer[float]
     input_std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., calibration: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., tensor_limits: _Optional[_Union[TensorLimits, _Mapping]] = ..., codecs: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., input_mean: _Optional[_Iterable[float]] = ..., input_std: _Optional[_Iterable[float]] = ...) -> None: ...
+    exits: _containers.RepeatedCompositeFieldContainer[ExitDescription]
+    history: bool
+    def __init__(self, tier: _Optional[str] = ..., model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., exit_index: _Optional[int] = ..., exit_head: _Optional[str] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., next_tier: _Optional[str] = ..., segment_flops: _Optional[float] = ..., head_flops: _Optional[float] = ..., full_network_flops: _Optional[float] = ..., class_names: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., calibration: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., tensor_limits: _Optional[_Union[TensorLimits, _Mapping]] = ..., codecs: _Optional[_Iterable[str]] = ..., compressions: _Optional[_Iterable[str]] = ..., input_mean: _Optional[_Iterable[float]] = ..., input_std: _Optional[_Iterable[float]] = ..., exits: _Optional[_Iterable[_Union[ExitDescription, _Mapping]]] = ..., history: _Optional[bool] = ...) -> None: ...
+
+class ExitDescription(_message.Message):
+    __slots__ = ("index", "gate_kind", "gate_params", "block_flops", "head_flops")
+    class GateParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    GATE_KIND_FIELD_NUMBER: _ClassVar[int]
+    GATE_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    gate_kind: str
+    gate_params: _containers.ScalarMap[str, float]
+    block_flops: float
+    head_flops: float
+    def __init__(self, index: _Optional[int] = ..., gate_kind: _Optional[str] = ..., gate_params: _Optional[_Mapping[str, float]] = ..., block_flops: _Optional[float] = ..., head_flops: _Optional[float] = ...) -> None: ...
 
 class TensorLimits(_message.Message):
     __slots__ = ("max_rank", "max_dim", "max_elements", "max_decoded_bytes")

@@ -59,9 +59,9 @@ def format_table(rows: list[Candidate], top: int) -> str:
 def export_choice(model, meta: dict, row: Candidate, out: Path, policy: str, settings: dict) -> None:
     """Bundles of the chosen split of the checkpoint's ``model``: its gates, calibration record (with the planner's
     prediction and ``settings``) and link codecs in the manifests."""
-    gates = to_gates(stored_family(meta, policy, row.pair), row.thresholds)
+    gates = to_gates(stored_family(meta, policy, len(model.exits)), row.thresholds)
     record = {**row.calibration, "planner": {"candidate": row.name, "predicted": row.predicted, "settings": settings}}
-    export_split(model, meta, row.pair, out, gates, policy if row.early_exits else "planner", record, list(row.codecs))
+    export_split(model, meta, row.split, out, gates, policy if row.early_exits else "planner", record, list(row.codecs))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ def test_each_tier_reloads_to_the_same_function(tiny_model, exported):
         with torch.no_grad():
             want_h, want_logits = segment(h)
             got_h, got_logits = bundle.segment(h)
-        assert torch.equal(want_h, got_h) and torch.equal(want_logits, got_logits)
+        assert torch.equal(want_h, got_h) and all(torch.equal(a, b) for a, b in zip(want_logits, got_logits, strict=True))
         h = want_h
 
 
@@ -41,21 +41,22 @@ def test_manifests(exported):
                                      "normalization": {"mean": [0.4914, 0.4822, 0.4465],
                                                        "std": [0.247, 0.2435, 0.2616]}}
     assert manifests[1]["input"]["shape"] == manifests[0]["output_shape"]
-    assert manifests[0]["gate"] == {"kind": "confidence", "threshold": 0.8}
-    assert manifests[1]["gate"] == {"kind": "entropy", "threshold": 0.3}
-    assert manifests[2]["gate"] == {"kind": "always"} and manifests[2]["segment"]["exit_head"] == "final"
+    assert manifests[0]["gates"] == [{"kind": "confidence", "threshold": 0.8}]
+    assert manifests[1]["gates"] == [{"kind": "entropy", "threshold": 0.3}]
+    assert manifests[2]["gates"] == [{"kind": "always"}] and typed[2].exit_head == "final"
+    assert [m.exits for m in typed] == [(0,), (1,), (2,)] and all(m.split == (0, 1) for m in typed)
     # The backbone's FLOPs are split across the tiers without loss: stages + final classifier = whole network;
     # the early exit heads are extra.
-    stages = sum(m["flops"]["segment"] for m in manifests)
-    assert stages + manifests[2]["flops"]["head"] == manifests[0]["flops"]["full_network"]
-    assert all(m["flops"]["head"] > 0 for m in manifests)
+    stages = sum(m.segment_flops for m in typed)
+    assert stages + typed[2].head_flops == typed[0].full_network_flops
+    assert all(m.head_flops > 0 for m in typed)
 
 
 def test_each_tier_holds_only_its_own_weights(exported):
     from safetensors.torch import load_file
 
     keys = [set(load_file(str(f / "weights.safetensors"))) for f in find_tier_folders(exported)]
-    assert all(k.startswith(("stages.", "head.", "preprocess.")) for ks in keys for k in ks)
+    assert all(k.startswith(("blocks.", "heads.", "preprocess.")) for ks in keys for k in ks)
     assert any(k.startswith("preprocess.") for k in keys[0])
     assert not any(k.startswith("preprocess.") for k in keys[1] | keys[2])
     device_params = sum(v.numel() for v in load_file(str(exported / "device" / "weights.safetensors")).values())
@@ -102,10 +103,12 @@ def test_export_leaves_the_model_untouched(tiny_model, tmp_path):
     (lambda m: m.pop("model_id"), "model_id"),
     (lambda m: m.update(tier_index=7), "tier_index"),
     (lambda m: m["weights"].update(file="../../etc/passwd"), "plain file name"),
-    (lambda m: m["flops"].pop("head"), "flops.head"),
+    (lambda m: m["flops"].pop("heads"), "flops.heads"),
+    (lambda m: m["gates"].append({"kind": "always"}), "one gate object per exit"),
+    (lambda m: m["segment"].update(split=[1, 0]), "split"),
     (lambda m: m["input"].update(dtype="float64"), "input dtype"),
-    (lambda m: m["gate"].update(threshold=float("nan")), "finite"),
-    (lambda m: m["gate"].update(threshold="0.5"), "finite"),
+    (lambda m: m["gates"][0].update(threshold=float("nan")), "finite"),
+    (lambda m: m["gates"][0].update(threshold="0.5"), "finite"),
 ])
 def test_malformed_manifests_are_config_errors(exported, mutate, words):
     path = exported / "device" / "manifest.json"
@@ -139,7 +142,7 @@ def test_a_learned_bottleneck_travels_on_the_first_link(tmp_path):
         h, got = x, []
         for b in bundles:
             h, logits = b.segment(h)
-            got.append(logits)
+            got += logits
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     m = [b.manifest for b in bundles]
     assert sum(t.segment_flops for t in m) + m[2].head_flops == m[0].full_network_flops

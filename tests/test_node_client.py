@@ -50,12 +50,12 @@ def test_the_node_client_gets_the_in_process_predictions(node_client, tiny_bundl
     images_file.write_bytes(images.numpy().tobytes())  # uint8, NCHW, C order: what the device tier takes
     _, records = evaluate_in_process(tiny_bundle, images, test_slice.labels[:96], BATCH, mixed_gates)
     expected = predictions_by_id(records)
-    assert len({tier for _, tier in expected.values()}) == 3  # every tier answers a share: the links are used
+    assert len({tier for _, tier, _ in expected.values()}) == 3  # every tier answers a share: the links are used
     with LocalDeployment(tiny_bundle, gates=mixed_gates, startup_timeout_s=60) as dep:
         streamed = node_client(dep.device_address, images_file, tuple(images.shape))
         unary = node_client(dep.device_address, images_file, tuple(images.shape), "--unary")
     for run, call in ((streamed, "InferStream"), (unary, "Infer")):
         assert run["call"] == call and run["health"] == "SERVING" and run["tiers"] == ["device", "edge", "cloud"]
-        got = {p["sample_id"]: (p["label"], p["exit_tier"]) for p in run["predictions"]}
+        got = {p["sample_id"]: (p["label"], p["exit_tier"], p["exit_index"]) for p in run["predictions"]}
         assert len(run["predictions"]) == len(images) and got == expected
         assert not any(p["degraded"] for p in run["predictions"])

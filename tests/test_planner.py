@@ -7,7 +7,7 @@ from common.wire.link import LinkModel
 from common.emulation.chain import evaluate_in_process
 from training import checkpoint
 from common.data.datasets import load
-from training.analysis.planner import Settings, exit_pairs, plan, sub_model
+from training.analysis.planner import Settings, exit_splits, plan
 from scripts.plan import export_choice, main as plan_main
 
 
@@ -24,10 +24,9 @@ def settings(**kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
-def test_sub_model_keeps_the_chosen_exits(planned):
+def test_a_two_exit_model_has_one_split(planned):
     model, *_ = planned
-    assert exit_pairs(model) == [(0, 1)]
-    assert sub_model(model, (0, 1)) is model  # already the three-tier shape
+    assert exit_splits(model) == [(0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +106,8 @@ def test_bad_values_stop_with_one_line(tiny_run, argv, message, capsys):
 
 
 def test_more_exits_than_tiers_let_the_planner_choose(tmp_path):
-    """A model trained with three early exits: training.export refuses it, the planner weighs every pair of exits
-    and its export serves exactly what it predicted (float32 links)."""
-    from common.errors import ConfigError
+    """A model trained with three early exits: training.export spreads them over device and edge by default, the
+    planner ranks every split of them, and its export serves exactly what it predicted (float32 links)."""
     from training.config import TrainConfig
     from training.export import export
     from training.train import train
@@ -119,17 +117,18 @@ def test_more_exits_than_tiers_let_the_planner_choose(tmp_path):
                       epochs_gates=5)
     train(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
-    with pytest.raises(ConfigError, match="scripts.plan"):
-        export(ckpt, tmp_path / "refused")
+    default = [json.loads((f / "manifest.json").read_text()) for f in export(ckpt, tmp_path / "default")]
+    assert [[e["index"] for e in m["segment"]["exits"]] for m in default] == [[0, 1], [2], [3]]
     model, meta = checkpoint.load(ckpt)
-    assert exit_pairs(model) == [(0, 1), (0, 2), (1, 2)]
+    assert exit_splits(model) == [(0, 1), (0, 2), (1, 2)]
     val, test = load("synthetic", "val", limit=400), load("synthetic:test", "test", limit=128)
     result = plan(model, meta, val, test, settings(codecs=("float32",)), log=lambda *_: None)
-    assert {r.pair for r in result["candidates"] if r.kind == "split"} == {(0, 1), (0, 2), (1, 2)}
+    assert {r.split for r in result["candidates"] if r.kind == "split"} == {(0, 1), (0, 2), (1, 2)}
     best = result["candidates"][result["chosen"]]
     export_choice(model, meta, best, tmp_path / "bundle", "confidence", {})
     manifest = json.loads((tmp_path / "bundle" / "edge" / "manifest.json").read_text())
-    assert manifest["model"]["exit_points"] == [cfg.exit_points[i] for i in best.pair]
+    assert manifest["segment"]["split"] == list(best.split)
     report, _ = evaluate_in_process(tmp_path / "bundle", test.images, test.labels, 64)
     assert report["accuracy"] == pytest.approx(best.predicted["accuracy"])
-    assert list(report["exits"].values()) == best.predicted["exits"]
+    by_index = report["exits_by_index"]
+    assert [by_index.get(str(e), {"samples": 0})["samples"] for e in range(4)] == best.predicted["exits"]

@@ -21,8 +21,8 @@ class ToySegment(nn.Module):
 
 
 def spec(**kw):
-    base = dict(tier="device", model_id="m1", exit_index=0, input_shape=(2,), input_dtype=torch.float32,
-                flops_per_sample=100.0, is_last=False, max_batch=16)
+    base = dict(tier="device", model_id="m1", exits=(0,), input_shape=(2,), input_dtype=torch.float32,
+                exit_flops=(100.0,), is_last=False, max_batch=16)
     base.update(kw)
     return TierSpec(**base)
 
@@ -69,7 +69,7 @@ def test_nothing_forwarded_when_all_exit():
 
 
 def test_last_tier_answers_everything_whatever_its_gate():
-    rt = TierRuntime(spec(tier="cloud", is_last=True, exit_index=2), ToySegment(), ConstantGate(False))
+    rt = TierRuntime(spec(tier="cloud", is_last=True, exits=(2,)), ToySegment(), ConstantGate(False))
     answer = rt.process(batch([[-1, 0], [-2, 0]]))
     assert [p.exit_tier for p in answer.predictions] == ["cloud", "cloud"]
     assert [p.exit_index for p in answer.predictions] == [2, 2]

@@ -148,7 +148,7 @@ def test_stream_link_clock_shares_the_round_trip():
 
 
 def test_a_served_pair_streams_and_answers_as_the_unary_call(serve_runtime):
-    cloud = TierRuntime(spec(tier="edge", is_last=True, exit_index=1), ToySegment(), ConfidenceGate(0.9))
+    cloud = TierRuntime(spec(tier="edge", is_last=True, exits=(1,)), ToySegment(), ConfidenceGate(0.9))
     cloud_address = serve_runtime(cloud, "edge")
     forward = NextTierClient(cloud_address, timeout_s=TIMEOUT)
     entry = None
@@ -228,7 +228,7 @@ def test_the_deadline_covers_the_whole_stream(serve_runtime):
     """A next tier slower than the caller's deadline: the local answers come first, the rest degraded in time."""
     from tests.test_deadlines import Slow
 
-    slow_edge = TierRuntime(spec(tier="edge", is_last=True, exit_index=1), Slow(3.0), ConfidenceGate(0.9))
+    slow_edge = TierRuntime(spec(tier="edge", is_last=True, exits=(1,)), Slow(3.0), ConfidenceGate(0.9))
     forward = NextTierClient(serve_runtime(slow_edge, "edge"), timeout_s=TIMEOUT)
     entry = None
     try:

@@ -81,12 +81,13 @@ def policy_family(policy: str, templates: list[Gate] | None = None, num_early: i
 def bundle_families(bundles: list) -> dict[str, list[Thresholdable]]:
     """Every policy the loaded tier bundles (``common.model.bundle.TierBundle``, in order) can threshold: the statistic
     gates, and the learned ``mlp`` / ``cost`` gates the early tiers all store."""
-    early = bundles[:-1]
+    early = [b for b in bundles if b.manifest.num_early]  # the tiers holding early exits
+    num_early = sum(b.manifest.num_early for b in early)
     stored = set.intersection(*(set(b.manifest.policies) for b in early))
-    families = {kind: policy_family(kind, num_early=len(early)) for kind in THRESHOLD_GATES}
+    families = {kind: policy_family(kind, num_early=num_early) for kind in THRESHOLD_GATES}
     for kind in ("mlp", "cost"):
         if kind in stored:
-            families[kind] = policy_family(kind, [b.policy_gate(kind) for b in early], len(early))
+            families[kind] = policy_family(kind, [g for b in early for g in b.policy_gates(kind)], num_early)
     return families
 
 

@@ -29,23 +29,26 @@ from common.wire.codecs import FLOAT32, WireCodec
 
 
 class WholeNetwork(nn.Module):
-    """The segments of every tier run back to back: the last one's features and logits."""
+    """The segments of every tier run back to back: the last one's features and final logits."""
 
     def __init__(self, segments: list[nn.Module]) -> None:
         super().__init__()
         self.segments = nn.ModuleList(segments)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        previous = None
         for segment in self.segments:
-            x, logits = segment(x)
-        return x, logits
+            x, logits = segment(x, previous)
+            previous = logits[-1]
+        return x, previous
 
 
 def whole_network_runtime(bundles: list[TierBundle], tier: str, compute_scale: float = 1.0) -> TierRuntime:
     """A runtime that answers every sample with the final exit, running the whole network as tier ``tier``."""
     first, last = (TierSpec.from_manifest(b.manifest) for b in (bundles[0], bundles[-1]))
-    flops = sum(b.manifest.segment_flops for b in bundles) + bundles[-1].manifest.head_flops
-    spec = replace(first, tier=tier, exit_index=last.exit_index, flops_per_sample=flops, is_last=True)
+    flops = sum(b.manifest.segment_flops for b in bundles) + bundles[-1].manifest.exit_head_flops[-1]
+    spec = replace(first, tier=tier, exits=(last.exit_index,), exit_flops=(flops,), send_flops=0.0, is_last=True,
+                   history=False)
     return TierRuntime(spec, WholeNetwork([b.segment for b in bundles]), ConstantGate(True),
                        compute_scale=compute_scale)
 
@@ -67,7 +70,7 @@ def emulated_chain(bundles: list[TierBundle], gates: list[Gate | None], wires: l
     for k in reversed(range(len(bundles))):
         forward = LocalLink(runtime, wires[k], links[k]) if runtime is not None else None
         b = bundles[k]
-        runtime = TierRuntime(TierSpec.from_manifest(b.manifest), b.segment, b.select_gate(gates[k]), forward,
+        runtime = TierRuntime(TierSpec.from_manifest(b.manifest), b.segment, b.select_gates(gates[k]), forward,
                               compute_scale=scales[k])
     return runtime
 

@@ -56,9 +56,10 @@ class LocalLink:
                             link_ms + (up_ms if k == 0 else 0.0))
 
 
-def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = None,
+def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | list[Gate] | None] | None = None,
                    wires: dict[str, WireCodec] | None = None, streamed: bool = False) -> TierRuntime:
-    """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates;
+    """Chain tier bundles (first to last) into runtimes; return the first. ``gates`` overrides bundle gates (a gate
+    for every early exit of its tier, or a list with one per exit);
     ``wires`` maps a tier to the codec of its outgoing link (where absent: the one its bundle names, else float32);
     ``streamed`` links the tiers by ``LocalLink.stream`` (as served tiers are) instead of the unary exchange."""
     gates = gates or [None] * len(bundles)
@@ -66,7 +67,7 @@ def chain_runtimes(bundles: list[TierBundle], gates: list[Gate | None] | None = 
     runtime = None
     for bundle, gate in reversed(list(zip(bundles, gates, strict=True))):
         forward = LocalLink(runtime, bundle.link_codec(wires.get(bundle.tier))) if runtime is not None else None
-        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest), bundle.segment, bundle.select_gate(gate), forward,
+        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest), bundle.segment, bundle.select_gates(gate), forward,
                               forward_stream=forward.stream if streamed and forward is not None else None)
     return runtime
 
@@ -81,38 +82,59 @@ def load_local_chain(root: Path, gates: dict[str, Gate] | None = None, policy: s
     unknown = set(gates) - {b.tier for b in bundles}
     if unknown:
         raise ConfigError(f"gate overrides name unknown tiers {sorted(unknown)}")
-    chosen = [b.select_gate(gates.get(b.tier), policy) for b in bundles]
+    chosen = [b.select_gates(gates.get(b.tier), policy) for b in bundles]
     return chain_runtimes(bundles, chosen, wires, streamed), bundles
 
 
 @torch.inference_mode()
 def all_exit_logits(bundles: list[TierBundle], images: torch.Tensor, batch_size: int = 500,
                     seconds: list[float] | None = None) -> list[torch.Tensor]:
-    """Every exit's logits for every sample: the segments run in sequence with no sample leaving early.
+    """Every exit's logits for every sample, earliest exit first: the segments run in sequence with no sample
+    leaving early.
 
     One forward pass of the whole network, from which any exit policy can be evaluated without running it again.
-    ``seconds``, when given, receives each segment's total wall time (segment and exit head), one entry per tier.
+    ``seconds``, when given, receives each segment's total wall time (blocks and exit heads), one entry per tier.
     """
-    per_exit: list[list[torch.Tensor]] = [[] for _ in bundles]
+    chunks: list[list[torch.Tensor]] = []
     spent = [0.0] * len(bundles)
     for lo in range(0, len(images), batch_size):
-        x = images[lo:lo + batch_size]
+        x, previous, outs = images[lo:lo + batch_size], None, []
         for k, bundle in enumerate(bundles):
             start = time.perf_counter()
-            x, logits = bundle.segment(x)
+            x, logits = bundle.segment(x, previous)
             spent[k] += time.perf_counter() - start
-            per_exit[k].append(logits)
+            outs += logits
+            previous = logits[-1]
+        chunks.append(outs)
     if seconds is not None:
         seconds[:] = spent
-    return [torch.cat(chunks) for chunks in per_exit]
+    return [torch.cat([c[e] for c in chunks]) for e in range(len(chunks[0]))]
+
+
+def exit_names(bundles: list[TierBundle]) -> list[str]:
+    """A name for every exit of the chained bundles, earliest first: the tier's name when it holds one exit, else
+    ``tier:index`` (``device:0``, ``device:1``, ...)."""
+    return [b.tier if len(b.manifest.exits) == 1 else f"{b.tier}:{e}" for b in bundles for e in b.manifest.exits]
+
+
+def exit_seconds(bundles: list[TierBundle], seconds: list[float]) -> list[float]:
+    """Per-tier times (``all_exit_logits``) spread over each tier's exits in proportion to their FLOPs."""
+    out = []
+    for b, s in zip(bundles, seconds, strict=True):
+        flops = b.manifest.exit_flops
+        out += [s * f / sum(flops) for f in flops]
+    return out
 
 
 def bundle_costs(bundles: list[TierBundle]) -> tuple[list[float], float]:
     """``(costs, full)`` from the manifests, as ``common.model.split.cost_table`` computes them from a model."""
     costs, total = [], 0.0
     for bundle in bundles:
-        total += bundle.manifest.flops_per_sample
-        costs.append(total)
+        m = bundle.manifest
+        for flops in m.exit_flops:
+            total += flops
+            costs.append(total)
+        total += m.send_flops
     return costs, bundles[0].manifest.full_network_flops
 
 

@@ -52,6 +52,11 @@ def build_report(
     for p, ok in zip(predictions, correct):
         exits[p.exit_tier] = exits.get(p.exit_tier, 0) + 1
         exit_correct[p.exit_tier] = exit_correct.get(p.exit_tier, 0) + int(ok)
+    by_index: dict[int, list[int]] = {}  # exit index -> [samples, right, tier's position]
+    for p, ok in zip(predictions, correct):
+        row = by_index.setdefault(p.exit_index, [0, 0, p.exit_tier])
+        row[0] += 1
+        row[1] += int(ok)
     links = {f"{a}_to_{b}": 0 for a, b in zip(tiers, tiers[1:])}
     compute_ms = {t: 0.0 for t in tiers}
     total_flops = 0.0
@@ -82,6 +87,9 @@ def build_report(
         "exits": exits,
         "exit_fraction": {t: exits[t] / n if n else 0.0 for t in exits},
         "exit_accuracy": {t: (exit_correct[t] / exits[t] if exits[t] else None) for t in exits},
+        # Per exit of the model (a tier may hold several), keyed by exit index: who answered there and how well.
+        "exits_by_index": {str(i): {"tier": tier, "samples": k, "fraction": k / n, "accuracy": right / k}
+                           for i, (k, right, tier) in sorted(by_index.items())},
         "degraded": sum(1 for p in predictions if p.degraded),
         "bytes": {**links, "raw_input_offload": raw},
         "bytes_per_sample": {**{k: v / n if n else 0.0 for k, v in links.items()}, "raw_input_offload": raw / n if n else 0.0},
@@ -129,13 +137,14 @@ def latency_breakdown(records: list[RequestRecord], tiers: list[str]) -> dict[st
     return out
 
 
-def predictions_by_id(records: list[RequestRecord]) -> dict[int, tuple[int, str]]:
-    """``sample id -> (label, exit tier)`` over a run."""
-    return {p.sample_id: (p.label, p.exit_tier) for r in records for p in r.answer.predictions}
+def predictions_by_id(records: list[RequestRecord]) -> dict[int, tuple[int, str, int]]:
+    """``sample id -> (label, exit tier, exit index)`` over a run."""
+    return {p.sample_id: (p.label, p.exit_tier, p.exit_index) for r in records for p in r.answer.predictions}
 
 
 def compare(report: dict, records: list[RequestRecord], reference: list[RequestRecord], ref_report: dict) -> dict:
-    """Fill ``in_process_accuracy`` and ``prediction_mismatches`` (label or exit tier differs) from a reference run."""
+    """Fill ``in_process_accuracy`` and ``prediction_mismatches`` (label, exit tier or exit differs) from a reference
+    run."""
     ours, theirs = predictions_by_id(records), predictions_by_id(reference)
     report["in_process_accuracy"] = ref_report["accuracy"]
     report["prediction_mismatches"] = sum(1 for i, v in ours.items() if theirs.get(i) != v) + len(set(theirs) - set(ours))
@@ -171,6 +180,10 @@ def format_summary(report: dict) -> str:
     for t, k in report["exits"].items():
         lines.append(f"  {t:>6}: answered {k:6d} ({_fmt(k / n if n else None, '6.1%')})   "
                      f"accuracy {_fmt(report['exit_accuracy'][t], '.4f')}")
+    by_index = report.get("exits_by_index") or {}
+    if len(by_index) > len(report["exits"]):  # a tier holds several exits: show each
+        lines.append("  by exit: " + "   ".join(f"{i} ({e['tier']}) {e['fraction']:.1%} acc {e['accuracy']:.4f}"
+                                               for i, e in by_index.items()))
     if report.get("degraded"):
         lines.append(f"  degraded answers (next tier unreachable or out of time): {report['degraded']}")
     lines.append("  bytes/sample: " + "   ".join(f"{k} {v:,.0f}" for k, v in report["bytes_per_sample"].items()))

@@ -1,7 +1,7 @@
 """Reading per-tier deployment bundles: ``<root>/<tier>/manifest.json`` + that tier's weights only (safetensors).
 
 A bundle is everything one tier process needs and nothing more: the model structure (to rebuild its segment),
-which stages and exit it holds, its gate, the input it accepts, FLOPs, class names, and its own weights. Weights are
+which stages and exits it holds, their gates, the input it accepts, FLOPs, class names, and its own weights. Weights are
 safetensors files, so loading a bundle never unpickles anything. All tiers of one export share a ``model_id``
 derived from the model spec and every tier's weights; a tier refuses requests carrying another id.
 
@@ -26,7 +26,7 @@ from common.model.split import TIER_NAMES, Segment, build_segment, is_last_tier,
 from common.wire.codecs import FLOAT32, WireCodec, wire_from_dict
 from common.wire.tensors import DTYPES
 
-FORMAT = "splitexit-bundle/1"
+FORMAT = "splitexit-bundle/2"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 INPUT_DTYPES = ("uint8", "float32")
@@ -42,24 +42,55 @@ class Manifest:
     tiers: tuple[str, ...]
     model: dict  # ModelSpec.to_dict()
     stages: tuple[str, ...]
-    exit_index: int
-    exit_head: dict | str  # the exit head spec, or "final" on the last tier
-    gate: dict
+    split: tuple[int, ...]  # the last exit of each tier but the last (``common.model.split``)
+    exits: tuple[int, ...]  # the model's exits this tier holds, earliest first
+    exit_heads: tuple[dict | str, ...]  # each exit's head spec, "final" for the final classifier
+    gates: tuple[dict, ...]  # one per exit
     policy: str
-    policies: dict[str, dict]
+    policies: dict[str, list[dict]]  # policy name -> one gate per early exit of this tier
     calibration: dict[str, dict]
+    history: bool  # requests between tiers carry the earlier exits' logits
     link: WireCodec | None  # the outgoing link's codec a planner chose; None = not named
     input_shape: tuple[int, ...]  # per sample
     input_dtype: str
     normalization: dict | None
     output_shape: tuple[int, ...]  # per sample
     class_names: tuple[str, ...]
-    segment_flops: float
-    head_flops: float
+    block_flops: tuple[float, ...]  # per exit: its block of stages
+    exit_head_flops: tuple[float, ...]  # per exit: its head
+    send_flops: float  # encoding a forwarded sample
     full_network_flops: float
     weights_file: str
     weights_sha256: str
     raw: dict
+
+    @property
+    def exit_index(self) -> int:
+        return self.exits[-1]
+
+    @property
+    def exit_head(self) -> dict | str:
+        return self.exit_heads[-1]
+
+    @property
+    def num_early(self) -> int:
+        """How many of the tier's exits are early exits (gated; the final classifier is not)."""
+        return len(self.exits) - (1 if self.is_last else 0)
+
+    @property
+    def exit_flops(self) -> tuple[float, ...]:
+        """Per exit: what a sample reaching it pays for it (its block of stages and its head)."""
+        return tuple(b + h for b, h in zip(self.block_flops, self.exit_head_flops))
+
+    @property
+    def segment_flops(self) -> float:
+        """Every stage of the segment and the encoding of what it sends, per sample."""
+        return sum(self.block_flops) + self.send_flops
+
+    @property
+    def head_flops(self) -> float:
+        """Every exit head of the segment, per sample."""
+        return sum(self.exit_head_flops)
 
     @property
     def is_last(self) -> bool:
@@ -94,25 +125,27 @@ class Manifest:
         seg, inp, flops = m["segment"], m["input"], m["flops"]
         return cls(
             model_id=m["model_id"], tier=m["tier"], tier_index=m["tier_index"], tiers=tuple(m["tiers"]),
-            model=m["model"], stages=tuple(seg.get("stages", ())), exit_index=seg["exit_index"],
-            exit_head=seg.get("exit_head", "final"), gate=m["gate"], policy=m.get("policy") or "",
-            policies=dict(m.get("policies") or {}), calibration=dict(m.get("calibration") or {}),
+            model=m["model"], stages=tuple(seg.get("stages", ())), split=tuple(seg["split"]),
+            exits=tuple(e["index"] for e in seg["exits"]), exit_heads=tuple(e["head"] for e in seg["exits"]),
+            gates=tuple(m["gates"]), policy=m.get("policy") or "",
+            policies={k: list(v) for k, v in (m.get("policies") or {}).items()},
+            calibration=dict(m.get("calibration") or {}), history=bool(m.get("history", False)),
             link=wire_from_dict(m["link"]) if m.get("link") is not None else None,
             input_shape=tuple(inp["shape"]), input_dtype=inp["dtype"], normalization=inp.get("normalization"),
             output_shape=tuple(m["output_shape"]), class_names=tuple(m["class_names"]),
-            segment_flops=float(flops["segment"]), head_flops=float(flops["head"]),
-            full_network_flops=float(flops["full_network"]), weights_file=m["weights"]["file"],
-            weights_sha256=m["weights"].get("sha256", ""), raw=m,
+            block_flops=tuple(float(f) for f in flops["blocks"]), exit_head_flops=tuple(float(f) for f in flops["heads"]),
+            send_flops=float(flops["send"]), full_network_flops=float(flops["full_network"]),
+            weights_file=m["weights"]["file"], weights_sha256=m["weights"].get("sha256", ""), raw=m,
         )
 
 
 @dataclass
 class TierBundle:
-    """A loaded tier: its manifest, its segment (with weights) and its gate."""
+    """A loaded tier: its manifest, its segment (with weights) and the gate of each of its exits."""
 
     manifest: Manifest
     segment: Segment
-    gate: Gate
+    gates: list[Gate]
 
     @property
     def tier(self) -> str:
@@ -122,25 +155,38 @@ class TierBundle:
     def model_id(self) -> str:
         return self.manifest.model_id
 
-    def policy_gate(self, name: str) -> Gate:
-        """The gate of stored policy ``name`` for this tier's exit."""
+    @property
+    def early_gates(self) -> list[Gate]:
+        """The active gates of the tier's early exits."""
+        return self.gates[:self.manifest.num_early]
+
+    def policy_gates(self, name: str) -> list[Gate]:
+        """The gates of stored policy ``name`` for this tier's early exits (none on a last tier holding only the
+        final classifier)."""
         if name not in POLICY_NAMES:
             raise ConfigError(f"unknown policy {name!r}; policies are {', '.join(POLICY_NAMES)}")
-        if self.manifest.is_last:
-            return self.gate  # the last tier always answers, whatever the policy
+        if not self.manifest.num_early:
+            return []
         stored = self.manifest.policies
         if name not in stored:
             raise ConfigError(f"the {self.tier} bundle has no policy {name!r}; it has: {', '.join(stored) or 'none'}")
-        return gate_from_dict(stored[name])
+        return [gate_from_dict(g) for g in stored[name]]
 
-    def select_gate(self, override: Gate | str | None = None, policy: str | None = None) -> Gate:
-        """The gate this tier serves. Precedence: an explicit gate (a ``Gate`` or a spec such as ``confidence:0.9``)
-        over a stored ``policy`` over the bundle's active gate. The last tier always answers, whatever it is told."""
-        if self.manifest.is_last:
-            return ConstantGate(True)
-        if override is not None:
-            return parse_gate(override) if isinstance(override, str) else override
-        return self.policy_gate(policy) if policy else self.gate
+    def select_gates(self, override: Gate | str | list[Gate] | None = None, policy: str | None = None) -> list[Gate]:
+        """The gate of each exit this tier serves. Precedence: explicit gates (a ``Gate`` or a spec such as
+        ``confidence:0.9``, used at every early exit of the tier, or a list of one gate per exit) over a stored
+        ``policy`` over the bundle's active gates. The final classifier always answers, whatever the tier is told."""
+        if isinstance(override, (list, tuple)):
+            if len(override) != len(self.manifest.exits):
+                raise ConfigError(f"the {self.tier} tier holds {len(self.manifest.exits)} exits, got "
+                                  f"{len(override)} gates")
+            early = list(override[:self.manifest.num_early])
+        elif override is not None:
+            gate = parse_gate(override) if isinstance(override, str) else override
+            early = [gate] * self.manifest.num_early
+        else:
+            early = self.policy_gates(policy) if policy else self.early_gates
+        return early + [ConstantGate(True)] * (len(self.manifest.exits) - len(early))
 
     def served_policy(self, policy: str | None = None, overridden: bool = False) -> tuple[str, dict]:
         """The name of the policy this tier serves and how its thresholds were calibrated: ``policy`` or the active
@@ -179,7 +225,7 @@ def read_manifest(folder: Path) -> Manifest:
 
 
 _REQUIRED = {
-    "model_id": str, "tier": str, "tier_index": int, "tiers": list, "model": dict, "segment": dict, "gate": dict,
+    "model_id": str, "tier": str, "tier_index": int, "tiers": list, "model": dict, "segment": dict, "gates": list,
     "input": dict, "output_shape": list, "class_names": list, "flops": dict, "weights": dict,
 }
 
@@ -194,17 +240,29 @@ def _check_manifest(m: dict, path: Path) -> None:
     weights = m["weights"].get("file")
     if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
         raise ConfigError(f"{path}: weights file must be a plain file name inside the bundle, got {weights!r}")
-    for key in ("segment", "head", "full_network"):
+    exits = m["segment"].get("exits")
+    if not isinstance(exits, list) or not exits or not all(
+            isinstance(e, dict) and isinstance(e.get("index"), int) and "head" in e for e in exits):
+        raise ConfigError(f"{path}: segment.exits must list the tier's exits, each with its index and head")
+    if not isinstance(m["segment"].get("split"), list):
+        raise ConfigError(f"{path}: segment.split is missing")
+    if len(m["gates"]) != len(exits) or not all(isinstance(g, dict) for g in m["gates"]):
+        raise ConfigError(f"{path}: gates must hold one gate object per exit ({len(exits)})")
+    for key in ("full_network", "send"):
         if not isinstance(m["flops"].get(key), (int, float)):
             raise ConfigError(f"{path}: flops.{key} is missing")
+    for key in ("blocks", "heads"):
+        if not isinstance(m["flops"].get(key), list) or len(m["flops"][key]) != len(exits):
+            raise ConfigError(f"{path}: flops.{key} must hold one number per exit")
     for key in ("shape", "dtype"):
         if key not in m["input"]:
             raise ConfigError(f"{path}: input.{key} is missing")
     if m["input"]["dtype"] not in INPUT_DTYPES:
         raise ConfigError(f"{path}: input dtype {m['input']['dtype']!r} is not one a tier accepts")
     policies = m.get("policies", {})
-    if not isinstance(policies, dict) or not all(isinstance(g, dict) for g in policies.values()):
-        raise ConfigError(f"{path}: policies must map policy names to gate objects")
+    if not isinstance(policies, dict) or not all(
+            isinstance(gs, list) and all(isinstance(g, dict) for g in gs) for gs in policies.values()):
+        raise ConfigError(f"{path}: policies must map policy names to lists of gate objects")
     calibration = m.get("calibration", {})
     if not isinstance(calibration, dict) or not all(isinstance(c, dict) for c in calibration.values()):
         raise ConfigError(f"{path}: calibration must map policy names to objects")
@@ -212,8 +270,6 @@ def _check_manifest(m: dict, path: Path) -> None:
         if not isinstance(m["link"], dict):
             raise ConfigError(f"{path}: link must be an object naming the outgoing link's codec")
         wire_from_dict(m["link"])
-    if "exit_index" not in m["segment"]:
-        raise ConfigError(f"{path}: segment.exit_index is missing")
 
 
 def load_tier_bundle(folder: Path) -> TierBundle:
@@ -229,10 +285,13 @@ def load_tier_bundle(folder: Path) -> TierBundle:
     # Build the structure on the meta device: no memory is spent on the other tiers' layers.
     with torch.device("meta"):
         skeleton = MultiExitNet(spec)
-    plans = plan_segments(spec, skeleton.backbone.stage_names, manifest.tiers)
-    segment = build_segment(skeleton, plans[manifest.tier_index]).to_empty(device="cpu")
+    plan = plan_segments(spec, skeleton.backbone.stage_names, manifest.tiers, manifest.split)[manifest.tier_index]
+    if plan.exits != manifest.exits:
+        raise ConfigError(f"{folder}: the manifest lists exits {list(manifest.exits)}, its split gives "
+                          f"{list(plan.exits)}")
+    segment = build_segment(skeleton, plan).to_empty(device="cpu")
     segment.load_state_dict(load_file(str(weights)), strict=True)
-    return TierBundle(manifest, segment.eval(), gate_from_dict(manifest.gate))
+    return TierBundle(manifest, segment.eval(), [gate_from_dict(g) for g in manifest.gates])
 
 
 def find_tier_folders(root: Path) -> list[Path]:

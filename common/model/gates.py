@@ -33,13 +33,24 @@ def softmax_stats(logits: Tensor) -> dict[str, Tensor]:
 Stats = dict[str, Tensor]  # what ``softmax_stats`` returns
 
 
+def needs_history(gate) -> bool:
+    """Whether ``gate`` reads the earlier exits' logits (``history``) besides its own exit's."""
+    return bool(getattr(gate, "needs_history", False))
+
+
+def answer_stats(gate, logits: Tensor, history: Tensor | None = None) -> Stats:
+    """The statistics of the answer given at the exit ``gate`` guards (label, confidence, ...)."""
+    stats = getattr(gate, "answer_stats", None)
+    return stats(logits, history) if stats is not None else softmax_stats(logits)
+
+
 class Gate(Protocol):
     """``gate(logits, stats)`` -> boolean mask of the samples that may exit. ``stats``, when the caller already has
     ``softmax_stats(logits)`` (the tier runtime needs them for its answers), saves the gate computing them again."""
 
     kind: str
 
-    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor: ...
+    def __call__(self, logits: Tensor, stats: Stats | None = None, history: Tensor | None = None) -> Tensor: ...
 
     def params(self) -> dict[str, float]: ...
 
@@ -56,7 +67,7 @@ class _ThresholdGate:
     threshold: float
     kind = ""
 
-    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
+    def __call__(self, logits: Tensor, stats: Stats | None = None, history: Tensor | None = None) -> Tensor:
         stat, direction = THRESHOLD_GATES[self.kind]
         value = (stats or softmax_stats(logits))[stat]
         return value >= self.threshold if direction > 0 else value <= self.threshold
@@ -143,7 +154,7 @@ class LearnedGate:
         with torch.no_grad():
             return torch.sigmoid(self.mlp(gate_features(logits, self.depth, stats)))
 
-    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
+    def __call__(self, logits: Tensor, stats: Stats | None = None, history: Tensor | None = None) -> Tensor:
         return self.probability(logits, stats) >= self.threshold
 
     def with_threshold(self, threshold: float) -> "LearnedGate":
@@ -174,7 +185,7 @@ class ConstantGate:
     def kind(self) -> str:
         return "always" if self.exit_all else "never"
 
-    def __call__(self, logits: Tensor, stats: Stats | None = None) -> Tensor:
+    def __call__(self, logits: Tensor, stats: Stats | None = None, history: Tensor | None = None) -> Tensor:
         return torch.full((logits.shape[0],), self.exit_all, dtype=torch.bool)
 
     def params(self) -> dict[str, float]:

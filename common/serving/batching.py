@@ -193,7 +193,7 @@ class DynamicBatcher:
                 # The merged id must pass the next tier's length check whatever the callers' ids are.
                 merged = Batch(f"{first.request_id[:MAX_REQUEST_ID - 16]}+{len(group) - 1}", first.model_id, list(range(n)),
                                torch.cat([p.batch.tensor for p in group]), min(deadlines) if deadlines else None,
-                               queued)
+                               queued, _merged_history([p.batch for p in group]))
                 # Each part passed validate() on arrival; the merge keeps every check true (fresh unique ids, at
                 # most max_batch samples), so the merged tensor is not scanned a second time.
                 collected = []
@@ -271,3 +271,9 @@ class DynamicBatcher:
             self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def _merged_history(batches: list[Batch]) -> torch.Tensor | None:
+    """The earlier exits' logits of a merged batch: every part's (validated, so all or none carry them)."""
+    histories = [b.history for b in batches]
+    return None if any(h is None for h in histories) else torch.cat(histories)

@@ -18,9 +18,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from common.errors import DownstreamError, InvalidRequest, PreconditionFailed, quote
+from common.errors import ConfigError, DownstreamError, InvalidRequest, PreconditionFailed, quote
 from common.model.bundle import Manifest
-from common.model.gates import ConstantGate, Gate, softmax_stats
+from common.model.gates import ConstantGate, Gate, answer_stats, needs_history
+from common.model.split import Segment
 from common.wire.batch import Answer, Batch, Hop, Prediction, merge_answers
 from common.wire.tensors import DTYPES, dtype_name
 
@@ -50,18 +51,38 @@ class TierSpec:
 
     tier: str
     model_id: str
-    exit_index: int
+    exits: tuple[int, ...]  # the model's exits this tier holds (global indices), earliest first
     input_shape: tuple[int, ...]  # per sample
     input_dtype: torch.dtype
-    flops_per_sample: float  # segment + exit head
+    exit_flops: tuple[float, ...]  # per sample, of each exit's block of stages and its head
     is_last: bool
     max_batch: int = 512
+    send_flops: float = 0.0  # per forwarded sample: encoding what is sent (a learned bottleneck)
+    # Requests carry the logits of every earlier exit ((N, exits[0], K), "history") when a gate or a cascade head
+    # needs them; a tier that receives them passes them on, with its own exits' logits added.
+    history: bool = False
+    num_classes: int = 0
+
+    @property
+    def exit_index(self) -> int:
+        """The tier's last exit, where the samples it forwards leave it."""
+        return self.exits[-1]
+
+    @property
+    def flops_per_sample(self) -> float:
+        """FLOPs of a sample that runs the whole segment and is forwarded."""
+        return sum(self.exit_flops) + self.send_flops
+
+    @property
+    def history_in(self) -> int:
+        """How many earlier exits' logits a request to this tier carries (0: none)."""
+        return self.exits[0] if self.history else 0
 
     @classmethod
     def from_manifest(cls, m: Manifest, max_batch: int = 512) -> "TierSpec":
-        return cls(tier=m.tier, model_id=m.model_id, exit_index=m.exit_index, input_shape=m.input_shape,
-                   input_dtype=DTYPES[m.input_dtype][0], flops_per_sample=m.flops_per_sample, is_last=m.is_last,
-                   max_batch=max_batch)
+        return cls(tier=m.tier, model_id=m.model_id, exits=m.exits, input_shape=m.input_shape,
+                   input_dtype=DTYPES[m.input_dtype][0], exit_flops=m.exit_flops, is_last=m.is_last,
+                   max_batch=max_batch, send_flops=m.send_flops, history=m.history, num_classes=len(m.class_names))
 
 
 def all_finite(x: Tensor) -> bool:
@@ -79,7 +100,7 @@ def all_finite(x: Tensor) -> bool:
 class TierRuntime:
     """Serve one segment: run it, let the gate pick who exits here, forward the rest as one batch."""
 
-    def __init__(self, spec: TierSpec, segment: nn.Module, gate: Gate, forward: Forward | None = None,
+    def __init__(self, spec: TierSpec, segment: nn.Module, gate: Gate | list[Gate], forward: Forward | None = None,
                  compute_scale: float = 1.0, on_downstream_failure: str = "degrade",
                  forward_stream: ForwardStream | None = None) -> None:
         if not spec.is_last and forward is None and forward_stream is None:
@@ -91,13 +112,30 @@ class TierRuntime:
         # error on. A next tier that *refuses* the samples (any other code) is a broken deployment: always an error.
         self.on_downstream_failure = on_downstream_failure
         self.spec = spec
-        self.segment = segment.eval()
-        # The last tier always answers, whatever gate its manifest names.
-        self.gate: Gate = ConstantGate(True) if spec.is_last else gate
+        self.segment = segment.eval() if isinstance(segment, Segment) else segment if isinstance(segment, _OneExit) \
+            else _OneExit(segment.eval())
+        if self.segment.num_exits != len(spec.exits):
+            raise ValueError(f"tier {spec.tier!r} holds exits {list(spec.exits)} but its segment has "
+                             f"{self.segment.num_exits}")
+        gates = list(gate) if isinstance(gate, (list, tuple)) else [gate] * len(spec.exits)
+        if len(gates) != len(spec.exits):
+            raise ValueError(f"tier {spec.tier!r} holds {len(spec.exits)} exits, got {len(gates)} gates")
+        if spec.is_last:  # the final exit always answers, whatever gate its manifest names
+            gates[-1] = ConstantGate(True)
+        if spec.exits[0] > 0 and not spec.history and any(needs_history(g) for g in gates):
+            raise ConfigError(f"a {', '.join(sorted({g.kind for g in gates if needs_history(g)}))} gate reads the "
+                              f"earlier exits' logits, and the {spec.tier} bundle was exported without them on the "
+                              "wire: export it with that policy")
+        self.gates: list[Gate] = gates
         self.forward = forward
         self.forward_stream = forward_stream  # preferred over ``forward`` when given
         # Emulate a slower (or faster-looking) machine: compute is stretched to compute_scale x the measured time.
         self.compute_scale = compute_scale
+
+    @property
+    def gate(self) -> Gate:
+        """The gate of the tier's last exit (the one deciding what it forwards)."""
+        return self.gates[-1]
 
     def check_header(self, request_id: str, model_id: str, sample_ids) -> None:
         """The checks that need no tensor: run before decoding (and so before any decompression), cheapest first."""
@@ -131,6 +169,18 @@ class TierRuntime:
                                      f"{dtype_name(x.dtype)}")
         if x.is_floating_point() and not all_finite(x):
             raise InvalidRequest("tensor contains NaN or Inf values")
+        if not s.history_in:
+            batch.history = None  # nothing here reads earlier exits' logits
+            return
+        h, want = batch.history, (n, s.history_in, s.num_classes)
+        if h is None:
+            raise InvalidRequest(f"tier {s.tier!r} needs the logits of exits 0..{s.history_in - 1} in the request's "
+                                 "history field")
+        if tuple(h.shape) != want or not h.is_floating_point():
+            raise InvalidRequest(f"history must be a floating-point tensor of shape {list(want)}, got "
+                                 f"{dtype_name(h.dtype)} {list(h.shape)}")
+        if not all_finite(h):
+            raise InvalidRequest("history contains NaN or Inf values")
 
     def process(self, batch: Batch, bytes_received: int = 0) -> Answer:
         """Answer every sample of ``batch``: here when the gate accepts it, otherwise via the next tier."""
@@ -152,49 +202,72 @@ class TierRuntime:
             return self.forward_stream(onward)
         return iter((self.forward(onward),))
 
+    def _run_exits(self, batch: Batch) -> tuple[list[Prediction], _Onward | None, float]:
+        """Run this tier's exits one after the other, each on the samples no earlier exit took: the predictions of
+        the samples they answer, what goes on to the next tier (``None`` when nothing does), and the FLOPs spent."""
+        s = self.spec
+        ids, x, flops = batch.sample_ids, batch.tensor, 0.0
+        # The logits of every exit so far, when this tier knows them all (it received them, or none came before).
+        known, history = bool(s.history_in) or s.exits[0] == 0, batch.history if s.history_in else None
+        here = list(range(len(ids)))  # positions in ``batch`` of the samples still here
+        local: list[Prediction] = []
+        for j, (index, gate) in enumerate(zip(s.exits, self.gates)):
+            previous = history[:, -1] if history is not None else None
+            x, logits = self.segment.run_exit(j, x, previous)
+            flops += s.exit_flops[j] * len(here)
+            if not all_finite(logits):
+                raise _out_of_range(s.tier, "exit head")
+            if known:
+                mine = logits.float().unsqueeze(1)
+                history = mine if history is None else torch.cat([history, mine], dim=1)
+            stats = answer_stats(gate, logits, history)
+            leaves = gate(logits, stats, history).to(torch.bool).tolist()
+            labels, confidences = stats["label"].tolist(), stats["confidence"].tolist()  # one conversion per batch
+            local += [Prediction(ids[here[i]], labels[i], confidences[i], s.tier, index)
+                      for i, out in enumerate(leaves) if out]
+            stay = [i for i, out in enumerate(leaves) if not out]
+            if not stay:
+                return local, None, flops
+            if len(stay) < len(here):  # everyone staying (a never gate, a hard batch) needs no gathered copy
+                x, here = x[stay], [here[i] for i in stay]
+                history = history[stay] if history is not None else None
+                labels, confidences = [labels[i] for i in stay], [confidences[i] for i in stay]
+        features = self.segment.send(x)
+        flops += s.send_flops * len(here)
+        if features.is_floating_point() and not all_finite(features):
+            # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent on, the
+            # next tier would refuse them, and the caller would see a broken deployment instead. Checked before
+            # anything is answered, so a refused request has no answers out.
+            raise _out_of_range(s.tier, "segment")
+        onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in here], features, batch.deadline,
+                       batch.queued_s, history if s.history and history is not None else None)
+        return local, _Onward(onward, labels, confidences), flops
+
     def stream_validated(self, batch: Batch, bytes_received: int = 0) -> Iterator[Answer]:
-        """Partial answers of ``batch``, every sample in exactly one of them: first the samples this tier's exit
+        """Partial answers of ``batch``, every sample in exactly one of them: first the samples this tier's exits
         answered, yielded before anything is forwarded (with this tier's hop), then each partial answer of the next
         tier as it arrives, then a closing part with this tier's forwarding figures (a hop of this tier with
         ``samples_in`` 0) and, should the next tier fail, the samples it had not answered yet, answered here
-        degraded. With no early exit the hop rides on the first relayed part instead of a part of its own.
-        ``merge_answers`` of the parts is the unary answer."""
+        degraded by the tier's last exit. With no early exit the hop rides on the first relayed part instead of a
+        part of its own. ``merge_answers`` of the parts is the unary answer."""
         s = self.spec
         start = time.perf_counter()
         with torch.inference_mode():
-            features, logits = self.segment(batch.tensor)
-            if not all_finite(logits):
-                raise _out_of_range(s.tier, "exit head")
-            stats = softmax_stats(logits)
-            exits = self.gate(logits, stats).to(torch.bool)
+            local, rest, flops = self._run_exits(batch)
         compute_ms = (time.perf_counter() - start) * 1e3
         if self.compute_scale > 1:
             time.sleep((self.compute_scale - 1) * compute_ms / 1e3)
             compute_ms = (time.perf_counter() - start) * 1e3
 
-        ids = batch.sample_ids
-        labels, confidences = stats["label"].tolist(), stats["confidence"].tolist()  # one conversion, not one per sample
-        exit_mask = exits.tolist()
-        local = [Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index)
-                 for i, leaves in enumerate(exit_mask) if leaves]
-        hop = Hop(s.tier, len(ids), len(local), compute_ms, bytes_received, flops=s.flops_per_sample * len(ids))
-        rest = [i for i, leaves in enumerate(exit_mask) if not leaves]
-        if not rest:
+        hop = Hop(s.tier, len(batch.sample_ids), len(local), compute_ms, bytes_received, flops=flops)
+        if rest is None:
             yield Answer(batch.request_id, local, [hop])
             return
-        # Everyone going on (a never gate, a hard batch) needs no gathered copy of the features.
-        onward_features = features if len(rest) == len(ids) else features[rest]
-        if onward_features.is_floating_point() and not all_finite(onward_features):
-            # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent on, the
-            # next tier would refuse them, and the caller would see a broken deployment instead. Checked before
-            # anything is answered, so a refused request has no answers out.
-            raise _out_of_range(s.tier, "segment")
         held = [hop]  # this tier's hop goes out with the first part sent
         if local:
             yield Answer(batch.request_id, local, held)
             held = []
-        onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in rest], onward_features,
-                       batch.deadline, batch.queued_s)
+        onward = rest.batch
         closing = Hop(s.tier, 0, 0, 0.0)
         outstanding = set(onward.sample_ids)
         t0 = time.perf_counter()
@@ -220,9 +293,11 @@ class TierRuntime:
             closing.forward_ms = (time.perf_counter() - t0) * 1e3
             if e.code != "UNAVAILABLE" or self.on_downstream_failure != "degrade":
                 raise
-            # Answer what the next tier has not answered with our own exit: worse than the next tier, but an answer.
-            degraded = [Prediction(ids[i], labels[i], confidences[i], s.tier, s.exit_index, degraded=True)
-                        for i in rest if ids[i] in outstanding]
+            # Answer what the next tier has not answered with our own last exit: worse than the next tier, but an
+            # answer.
+            degraded = [Prediction(i, label, confidence, s.tier, s.exit_index, degraded=True)
+                        for i, label, confidence in zip(onward.sample_ids, rest.labels, rest.confidences)
+                        if i in outstanding]
             closing.samples_degraded, closing.downstream_error = len(degraded), str(e)
             yield Answer(batch.request_id, degraded, held + [closing])
             return
@@ -232,6 +307,31 @@ class TierRuntime:
                 close()
         closing.forward_ms = (time.perf_counter() - t0) * 1e3
         yield Answer(batch.request_id, [], held + [closing])
+
+
+@dataclass
+class _Onward:
+    """What a tier forwards: the batch for the next tier, and its last exit's answers for those samples (given,
+    marked degraded, when the next tier cannot answer)."""
+
+    batch: Batch
+    labels: list[int]
+    confidences: list[float]
+
+
+class _OneExit:
+    """Any module computing ``(features to send, logits)`` in one call, as a segment with a single exit."""
+
+    num_exits = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def run_exit(self, j: int, x: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.module(x)
+
+    def send(self, features: Tensor) -> Tensor:
+        return features
 
 
 def _out_of_range(tier: str, part: str) -> InvalidRequest:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from common.errors import RequestError, quote
 from common.model.bundle import Manifest
+from common.model.gates import Gate, scalar_params
 from common.serving.handling import answer_request, answer_stream
 from common.serving.health import REPLICA_HEALTH_SERVICE
 from common.serving.metrics import TierMetrics
@@ -153,24 +154,28 @@ def add_tier_service(servicer: TierServicer, server: grpc.Server) -> None:
     })
 
 
-def describe_tier(m: Manifest, gate_kind: str, gate_params: dict[str, float], next_tier: str,
-                  policy: str = "", calibration: dict | None = None, max_batch: int = 0,
-                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+def describe_tier(m: Manifest, gates: list[Gate], next_tier: str, policy: str = "", calibration: dict | None = None,
+                  max_batch: int = 0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   limits: TensorLimits = DEFAULT_LIMITS) -> pb.TierDescription:
-    """The ``Describe`` answer for a tier, from its bundle manifest and the gate (and policy) it actually runs, and
-    what a caller must respect: batch and message limits, tensor limits, the codecs it decodes, its normalisation."""
+    """The ``Describe`` answer for a tier, from its bundle manifest and the gates (and policy) it actually runs, one
+    per exit, and what a caller must respect: batch and message limits, tensor limits, the codecs it decodes, its
+    normalisation, whether requests carry the earlier exits' logits. ``gate_kind`` / ``gate_params`` describe the
+    tier's last exit; ``exits`` describes every one."""
     norm = m.normalization or {}
+    exits = [pb.ExitDescription(index=e, gate_kind=g.kind, gate_params=scalar_params(g), block_flops=b, head_flops=h)
+             for e, g, b, h in zip(m.exits, gates, m.block_flops, m.exit_head_flops)]
     return pb.TierDescription(
         tier=m.tier, model_id=m.model_id, architecture=m.architecture, stages=m.stages, exit_index=m.exit_index,
-        exit_head=json.dumps(m.exit_head), gate_kind=gate_kind, gate_params=gate_params, input_shape=m.input_shape,
-        input_dtype=m.input_dtype, next_tier=next_tier, segment_flops=m.segment_flops, head_flops=m.head_flops,
-        full_network_flops=m.full_network_flops, class_names=m.class_names, tiers=m.tiers, policy=policy,
-        calibration=json.dumps(calibration or {}, sort_keys=True),
+        exit_head=json.dumps(m.exit_head), gate_kind=gates[-1].kind, gate_params=scalar_params(gates[-1]),
+        input_shape=m.input_shape, input_dtype=m.input_dtype, next_tier=next_tier, segment_flops=m.segment_flops,
+        head_flops=m.head_flops, full_network_flops=m.full_network_flops, class_names=m.class_names, tiers=m.tiers,
+        policy=policy, calibration=json.dumps(calibration or {}, sort_keys=True),
         max_batch=max_batch, max_message_bytes=max_message_bytes,
         tensor_limits=pb.TensorLimits(max_rank=limits.max_rank, max_dim=limits.max_dim,
                                       max_elements=limits.max_elements, max_decoded_bytes=limits.max_decoded_bytes),
         codecs=codecs.ACCEPTED_CODECS, compressions=[c for c in codecs.COMPRESSIONS if c],
-        input_mean=norm.get("mean", ()), input_std=norm.get("std", ()),
+        input_mean=norm.get("mean", ()), input_std=norm.get("std", ()), exits=exits,
+        history=m.history and m.tier_index > 0,
     )
 
 

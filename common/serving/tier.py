@@ -191,19 +191,20 @@ class Tier:
         """Load the weights (unless ``bundle`` is given), wire gate, batcher and next tier; start serving."""
         plan, args = self.plan, self.plan.args
         bundle = bundle or load_tier_bundle(plan.folder)
-        gate = bundle.select_gate(args.gate, args.policy)
+        gates = bundle.select_gates(args.gate, args.policy)
         policy, calibration = bundle.served_policy(args.policy, overridden=bool(args.gate))
         if args.next:
             self.forward = NextTierClient(args.next, timeout_s=args.timeout, max_message_bytes=plan.max_message_bytes,
                                           wire=plan.wire, link=plan.link, security=plan.security)
-        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest, args.max_batch), bundle.segment, gate,
+        runtime = TierRuntime(TierSpec.from_manifest(bundle.manifest, args.max_batch), bundle.segment, gates,
                               self.forward, compute_scale=args.compute_scale,
                               on_downstream_failure=args.on_downstream_failure,
                               forward_stream=self.forward.stream if self.forward and args.forward_call == "stream"
                               else None)
-        kind, params = runtime.gate.kind, scalar_params(runtime.gate)
-        self.servicer.description = describe_tier(bundle.manifest, kind, params, args.next or "", policy, calibration,
+        self.servicer.description = describe_tier(bundle.manifest, runtime.gates, args.next or "", policy, calibration,
                                                   args.max_batch, plan.max_message_bytes)
+        kind = "/".join(g.kind for g in runtime.gates)
+        params = [scalar_params(g) for g in runtime.gates]
         if args.max_queue_delay_ms > 0:
             self.batcher = DynamicBatcher(runtime, args.max_batch, args.max_queue_delay_ms / 1e3, args.batch_workers,
                                           on_batch=self.metrics.batch_ran)

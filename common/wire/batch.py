@@ -23,6 +23,8 @@ class Batch:
     # Seconds the longest-waiting sample already spent in batching queues before this tier (dynamic batching spends
     # one delay budget per sample along the chain, not one per tier); forwarded batches carry it on.
     queued_s: float = 0.0
+    # The logits of every exit before the receiving tier, (N, exits, K), when its gates or exit heads read them.
+    history: Tensor | None = None
 
 
 @dataclass

@@ -48,7 +48,10 @@ def encode_request(batch: Batch, wire: WireCodec = FLOAT32) -> bytes:
     """
     header, data = codecs.encode_parts(batch.tensor, wire)
     head = pb.InferRequest(request_id=batch.request_id, model_id=batch.model_id, sample_ids=batch.sample_ids,
-                           queued_ms=batch.queued_s * 1e3).SerializeToString()
+                           queued_ms=batch.queued_s * 1e3)
+    if batch.history is not None:  # a few floats per sample: encoded the usual way, with the link's codec
+        head.history.CopyFrom(codecs.encode(batch.history, wire))
+    head = head.SerializeToString()
     inner = header.SerializeToString() + _DATA_TAG + _varint(len(data))
     return b"".join((head, _TENSOR_TAG, _varint(len(inner) + len(data)), inner, data))
 
@@ -92,8 +95,9 @@ def batch_from_request(request: pb.InferRequest, limits: TensorLimits = tensors.
     queued_ms = request.queued_ms
     if not 0 <= queued_ms <= MAX_QUEUED_MS:  # NaN, negative or absurd: a bad request
         raise InvalidRequest(f"queued_ms must be between 0 and {MAX_QUEUED_MS:g}, got {queued_ms!r}")
+    history = codecs.decode(request.history, limits) if request.HasField("history") else None
     return Batch(request.request_id, request.model_id, list(request.sample_ids), codecs.decode(request.tensor, limits),
-                 queued_s=queued_ms / 1e3)
+                 queued_s=queued_ms / 1e3, history=history)
 
 
 def reply_from_answer(answer: Answer) -> pb.InferReply:

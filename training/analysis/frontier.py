@@ -34,7 +34,7 @@ from common.model.bundle import find_tier_folders, load_tier_bundle
 from common.cli import add_data_args, positive_int, run
 from common.errors import ConfigError
 from common.model.gates import ConstantGate, Gate, gate_to_dict
-from common.emulation.chain import all_exit_logits, bundle_costs
+from common.emulation.chain import all_exit_logits, bundle_costs, exit_names, exit_seconds
 from training.calibrate import ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds, to_gates
 from training.policies import fit_cost_gates
 from common.data.datasets import load, parse_spec
@@ -129,15 +129,15 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     the ``cost`` policy a ``curve``: its gates refitted there for every alpha of ``cost_alphas``.
     """
     bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
-    tiers = [b.tier for b in bundles]
+    tiers = exit_names(bundles)
     start = time.perf_counter()
     seconds: list[float] = []
     logits = all_exit_logits(bundles, images, seconds=seconds)
     forward_s = time.perf_counter() - start
     costs, full = bundle_costs(bundles)
     cached = Cached(logits, labels, costs, full, tiers,
-                    list(np.cumsum([1000 * s / len(labels) for s in seconds])))
-    calibrated = [b.gate for b in bundles[:-1]]
+                    list(np.cumsum([1000 * s / len(labels) for s in exit_seconds(bundles, seconds)])))
+    calibrated = [g for b in bundles for g in b.early_gates]
     families = bundle_families(bundles)
     # The fitted cost gates are one point (their trade-off was fixed by alpha), not a sweep.
     cost_stored = families.pop("cost", None) is not None
@@ -148,7 +148,7 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
             scores = ExitScores.build(calib_logits, calib[1], family, costs, full)
             policies[kind]["per_exit"] = per_exit_sweep(cached, family, scores, points)
     if cost_stored:
-        gates = [b.policy_gate("cost") for b in bundles[:-1]]
+        gates = [g for b in bundles for g in b.policy_gates("cost")]
         policies["cost"] = {"alpha": gates[0].alpha,
                             "points": [{"parameter": gates[0].alpha, **cached.point(gates)}]}
     if calib_logits is not None and cost_alphas:

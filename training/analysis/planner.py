@@ -1,8 +1,9 @@
 """The split planner: for a trained checkpoint, a link and a compute profile, predict what every way of deploying it
 would cost and deliver, and rank the candidates.
 
-Candidates are every pair of the checkpoint's early exits as the device's and the edge's exits (with a learned
-bottleneck, the device's exit is the bottleneck's), every link codec on each of the two links (element codec and
+Candidates are every split of the checkpoint's early exits over the tiers - the device holds the exits up to one of
+them, the edge up to a later one, the cloud the rest (with a learned bottleneck, the device ends at the bottleneck's
+exit) - every link codec on each of the two links (element codec and
 lossless compression), with early exits on - the thresholds of ``policy`` calibrated on validation so that accuracy
 stays within ``target_drop`` points of the float32 network - or off. Two deployments without a split are predicted
 next to them: the whole network on the device, and the raw image offloaded to the cloud.
@@ -76,45 +77,29 @@ class Settings:
             raise ConfigError(f"the compute profile needs one positive scale per tier, got {self.scales}")
 
 
-def exit_pairs(model: MultiExitNet) -> list[tuple[int, int]]:
-    """Pairs of early exits (indices into ``model.exits``) that can be the device's and the edge's exits."""
+def exit_splits(model: MultiExitNet) -> list[tuple[int, int]]:
+    """Every split of the model's early exits over device and edge: ``(i, j)``, the device holds exits 0..i, the
+    edge i+1..j, the cloud the rest and the final classifier (with a learned bottleneck the device ends at exit 0,
+    where the bottleneck sits)."""
     n = len(model.exits)
     firsts = [0] if model.bottleneck_encoder is not None else range(n)
     return [(i, j) for i in firsts for j in range(i + 1, n)]
 
 
-def sub_model(model: MultiExitNet, pair: tuple[int, int]) -> MultiExitNet:
-    """``model`` with only the early exits ``pair`` (weights copied), the shape a three-tier export takes."""
-    if tuple(pair) == tuple(range(len(model.exits))):
-        return model
-    spec = replace(model.spec, exit_points=tuple(model.spec.exit_points[i] for i in pair))
-    sub = MultiExitNet(spec)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("exits."):
-            old, rest = key.removeprefix("exits.").split(".", 1)
-            if int(old) not in pair:
-                continue
-            key = f"exits.{pair.index(int(old))}.{rest}"
-        state[key] = value
-    sub.load_state_dict(state, strict=True)
-    return sub.eval()
-
-
-def stored_family(meta: dict, policy: str, pair: tuple[int, int]) -> list[Thresholdable]:
-    """The thresholdable form of ``policy`` at the exits ``pair``; learned policies use the checkpoint's gates."""
+def stored_family(meta: dict, policy: str, num_early: int) -> list[Thresholdable]:
+    """The thresholdable form of ``policy`` at every early exit; learned policies use the checkpoint's gates."""
     stored = (meta.get("policies") or {}).get(policy)
-    templates = [gate_from_dict(stored[i]) for i in pair] if stored else None
-    return policy_family(policy, templates, len(pair))
+    templates = [gate_from_dict(g) for g in stored] if stored else None
+    return policy_family(policy, templates, num_early)
 
 
-def export_split(model: MultiExitNet, meta: dict, pair: tuple[int, int], out: Path, gates: list[Gate] | None = None,
+def export_split(model: MultiExitNet, meta: dict, split: tuple[int, int], out: Path, gates: list[Gate] | None = None,
                  policy: str = "planner", calibration: dict | None = None,
                  wires: list[WireCodec] | None = None) -> list[TierBundle]:
-    """Write the three tier bundles of ``model`` cut at the exits ``pair`` and load them back."""
-    gates = gates or [ConstantGate(False)] * 2
-    folders = export_bundles(sub_model(model, pair), gates, out, meta["class_names"], policies={policy: gates},
-                             active=policy, calibration={policy: calibration or {}}, wires=wires)
+    """Write the three tier bundles of ``model`` split at ``split`` and load them back."""
+    gates = gates or [ConstantGate(False)] * len(model.exits)
+    folders = export_bundles(model, gates, out, meta["class_names"], policies={policy: gates},
+                             active=policy, calibration={policy: calibration or {}}, wires=wires, split=split)
     return [load_tier_bundle(f) for f in folders]
 
 
@@ -129,18 +114,22 @@ def roundtrip(x: torch.Tensor, wire: WireCodec) -> torch.Tensor:
 def cached_logits(bundles: list[TierBundle], images: torch.Tensor, codecs: tuple[str, ...],
                   batch_size: int) -> dict[tuple[str, str], list[torch.Tensor]]:
     """Every exit's logits over ``images`` for each pair of element codecs on the two links, in batches of
-    ``batch_size`` as a client sends them (int8 scales are per request)."""
+    ``batch_size`` as a client sends them (int8 scales are per request). Where the deployment carries the earlier
+    exits' logits, they cross the links through the same codecs."""
     device, edge, cloud = (b.segment for b in bundles)
-    chunks: dict[tuple[str, str], list[list[torch.Tensor]]] = {(a, b): [[], [], []] for a in codecs for b in codecs}
+    carried = bundles[0].manifest.history
+    chunks: dict[tuple[str, str], list[list[torch.Tensor]]] = {(a, b): [] for a in codecs for b in codecs}
     for lo in range(0, len(images), batch_size):
         sent, first = device(images[lo:lo + batch_size])
         for a in codecs:
-            sent2, second = edge(roundtrip(sent, WireCodec(a)))
+            previous = roundtrip(torch.stack(first, 1), WireCodec(a))[:, -1] if carried else None
+            sent2, second = edge(roundtrip(sent, WireCodec(a)), previous)
             for b in codecs:
-                _, final = cloud(roundtrip(sent2, WireCodec(b)))
-                for store, logits in zip(chunks[a, b], (first, second, final)):
-                    store.append(logits)
-    return {key: [torch.cat(c) for c in parts] for key, parts in chunks.items()}
+                history = torch.stack(first + second, 1)
+                previous = roundtrip(history, WireCodec(b))[:, -1] if carried else None
+                _, final = cloud(roundtrip(sent2, WireCodec(b)), previous)
+                chunks[a, b].append(first + second + final)
+    return {key: [torch.cat([c[e] for c in parts]) for e in range(len(parts[0]))] for key, parts in chunks.items()}
 
 
 def one_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -173,7 +162,7 @@ def time_runtime(runtime: TierRuntime, inputs: torch.Tensor, sizes: list[int], r
     """Seconds ``runtime``'s tier needs to answer ``n`` samples of ``inputs`` itself: validation, its compute
     window and the bookkeeping of its answers (its gate and next tier are left out)."""
     spec = replace(runtime.spec, is_last=True)
-    alone = TierRuntime(spec, runtime.segment, ConstantGate(True))
+    alone = TierRuntime(spec, runtime.segment, _all_exits(spec))
     values = []
     for n in sizes:
         batch = Batch("plan", spec.model_id, list(range(n)), inputs[:n])
@@ -216,7 +205,7 @@ class Candidate:
     kind: str  # "split", "device_only" or "cloud_offload"
     feasible: bool
     predicted: dict
-    pair: tuple[int, int] | None = None
+    split: tuple[int, int] | None = None
     codecs: tuple[WireCodec, WireCodec] | None = None
     early_exits: bool = False
     thresholds: list[float | None] | None = None
@@ -224,7 +213,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "feasible": self.feasible,
-                "exit_pair": list(self.pair) if self.pair else None,
+                "split": list(self.split) if self.split else None,
                 "codecs": [str(w) for w in self.codecs] if self.codecs else None,
                 "early_exits": self.early_exits, "thresholds": self.thresholds, "calibration": self.calibration,
                 "predicted": self.predicted}
@@ -247,7 +236,7 @@ def outcome(es: ExitScores, thresholds: list[float | None]) -> dict:
 
 @dataclass
 class Measured:
-    """One exit pair's deployment as measured here: its bundles and the cost model's pieces."""
+    """One split's deployment as measured here: its bundles and the cost model's pieces."""
 
     bundles: list[TierBundle]
     tiers: list[TierCost]
@@ -262,8 +251,13 @@ class Measured:
 
     @property
     def exit_names(self) -> list[str]:
-        """The stage each early exit follows."""
+        """The stage each tier but the last ends at (its last exit's)."""
         return [b.manifest.stages[-1] for b in self.bundles[:-1]]
+
+    @property
+    def tier_of_exit(self) -> np.ndarray:
+        """The tier (index) holding each exit of the model."""
+        return np.asarray([k for k, b in enumerate(self.bundles) for _ in b.manifest.exits])
 
     def describe(self) -> dict:
         return {"compute_s": {b.tier: t.compute_s.to_dict() for b, t in zip(self.bundles, self.tiers)},
@@ -298,15 +292,15 @@ def calibrated(es_cal: ExitScores, es_fit: ExitScores, objective: Objective,
     return out
 
 
-def split_candidates(m: Measured, pair: tuple[int, int], element_codecs: tuple[str, str], es_test: ExitScores,
+def split_candidates(m: Measured, split: tuple[int, int], element_codecs: tuple[str, str], es_test: ExitScores,
                      variants, s: Settings) -> list[Candidate]:
-    """Every compression on both links of one exit pair and element codec pair, with and without early exits."""
+    """Every compression on both links of one split and element codec pair, with and without early exits."""
     rows = []
     first, second = ([w for w in m.links[k] if w.name == c] for k, c in enumerate(element_codecs))
     where = " | ".join(m.exit_names)
     for early, thresholds, feasible, info in variants:
         common = outcome(es_test, thresholds) if thresholds is not None else {}
-        exit_of = es_test.exit_of(thresholds) if thresholds is not None else None
+        exit_of = m.tier_of_exit[es_test.exit_of(thresholds)] if thresholds is not None else None
         for w1 in first:
             for w2 in second:
                 predicted = dict(common)
@@ -316,7 +310,7 @@ def split_candidates(m: Measured, pair: tuple[int, int], element_codecs: tuple[s
                     run = predict_run(exit_of, s.batch_size, m.tiers, links, m.entry)
                     predicted.update(_named(run, [b.tier for b in m.bundles], m.link_names))
                 name = f"split after {where}, {w1} | {w2}, " + ("early exits" if early else "no early exit")
-                rows.append(Candidate(name, "split", feasible, predicted, pair, (w1, w2), early, thresholds, info))
+                rows.append(Candidate(name, "split", feasible, predicted, split, (w1, w2), early, thresholds, info))
     return rows
 
 
@@ -331,23 +325,23 @@ def plan(model: MultiExitNet, meta: dict, val, test, s: Settings, log=print) -> 
     profile: dict = {"batch_sizes": batch_sizes(s.batch_size)}
     reference: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="splitexit-plan-") as tmp:
-        for pair in exit_pairs(model):
+        family = stored_family(meta, s.policy, len(model.exits))
+        for split in exit_splits(model):
             t0 = time.perf_counter()
-            bundles = export_split(model, meta, pair, Path(tmp) / f"{pair[0]}-{pair[1]}")
+            bundles = export_split(model, meta, split, Path(tmp) / f"{split[0]}-{split[1]}")
             val_logits = cached_logits(bundles, val.images, s.codecs, s.batch_size)
             test_logits = cached_logits(bundles, test.images, s.codecs, s.batch_size)
-            # The float32 network's final exit is the same whatever the pair: the accuracy every drop is against.
+            # The float32 network's final exit is the same whatever the split: the accuracy every drop is against.
             for key, logits, data in (("val", val_logits, val), ("test", test_logits, test)):
                 reference.setdefault(key, logits["float32", "float32"][-1].argmax(1).numpy() == data.labels.numpy())
             m = measure(bundles, test.images, s)
-            profile["exits after " + " and ".join(m.exit_names)] = m.describe()
-            family = stored_family(meta, s.policy, pair)
+            profile["split after " + " and ".join(m.exit_names)] = m.describe()
             for pair_codecs, logits in val_logits.items():
                 es_val = _scores(logits, val.labels, reference["val"], family, m.costs, m.full)
                 es_test = _scores(test_logits[pair_codecs], test.labels, reference["test"], family, m.costs, m.full)
                 variants = calibrated(es_val.subset(cal), es_val.subset(fit), objective, s)
-                rows += split_candidates(m, pair, pair_codecs, es_test, variants, s)
-            log(f"[plan] exits after {' and '.join(m.exit_names)}: {len(val_logits)} codec pairs calibrated and "
+                rows += split_candidates(m, split, pair_codecs, es_test, variants, s)
+            log(f"[plan] split after {' and '.join(m.exit_names)}: {len(val_logits)} codec pairs calibrated and "
                 f"predicted in {time.perf_counter() - t0:.0f} s")
         rows += baselines(m.bundles, test, reference["test"], s, m.entry)
     rows.sort(key=lambda r: (not r.feasible, r.predicted.get("latency_ms_mean", float("inf"))))
@@ -356,8 +350,14 @@ def plan(model: MultiExitNet, meta: dict, val, test, s: Settings, log=print) -> 
             "reference_accuracy": {k: float(v.mean()) for k, v in reference.items()}}
 
 
+def _all_exits(spec: TierSpec) -> list[Gate]:
+    """Gates that run every exit of a tier on every sample and answer at its last."""
+    return [ConstantGate(False)] * (len(spec.exits) - 1) + [ConstantGate(True)]
+
+
 def _runtime(bundle: TierBundle) -> TierRuntime:
-    return TierRuntime(replace(TierSpec.from_manifest(bundle.manifest), is_last=True), bundle.segment, ConstantGate(True))
+    spec = replace(TierSpec.from_manifest(bundle.manifest), is_last=True, history=False)
+    return TierRuntime(spec, bundle.segment, _all_exits(spec))
 
 
 def _scores(logits, labels, reference: np.ndarray, family, costs, full) -> ExitScores:
