@@ -130,3 +130,83 @@ def test_next_tier_losing_samples_is_an_error():
     rt = TierRuntime(spec(), ToySegment(), ConstantGate(False), FakeNext(drop=1))
     with pytest.raises(DownstreamError, match="answered 1 samples for 2 sent"):
         rt.process(batch([[1, 1], [2, 2]]))
+
+
+class TwoExitSegment(nn.Module):
+    """A real two-exit ``Segment``: features + 1 then + 2; each head puts all mass on class 1 when the row's first
+    feature is large (exit 0: > 3, exit 1: > 4), else on class 0 weakly."""
+
+    def __new__(cls):
+        from common.model.split import Segment
+
+        class Add(nn.Module):
+            def __init__(self, k):
+                super().__init__()
+                self.k = k
+
+            def forward(self, x):
+                return x + self.k
+
+        class Head(nn.Module):
+            def __init__(self, cut):
+                super().__init__()
+                self.cut = cut
+
+            def forward(self, f):
+                logits = torch.zeros(len(f), 3)
+                logits[:, 1] = (f[:, 0] > self.cut).float() * 20
+                logits[:, 0] = 0.5
+                return logits
+
+        return Segment([[Add(1)], [Add(2)]], [Head(3), Head(4)])
+
+
+def two_exit_spec(**kw):
+    return spec(exits=(0, 1), exit_flops=(10.0, 20.0), send_flops=5.0, num_classes=3, **kw)
+
+
+def test_a_tier_with_two_exits_runs_the_second_only_on_what_the_first_declined():
+    nxt = FakeNext()
+    rt = TierRuntime(two_exit_spec(history=True), TwoExitSegment(), ConfidenceGate(0.9), nxt)
+    # rows: 5 -> f0 6 (exit 0), 0 -> f0 1, f1 3 (declined twice), 4 -> f0 5 (exit 0), 1.5 -> f0 2.5, f1 4.5 (exit 1)
+    answer = rt.process(batch([[5, 0], [0, 0], [4, 0], [1.5, 0]]))
+    assert [(p.exit_tier, p.exit_index) for p in answer.predictions] == [
+        ("device", 0), ("cloud", 2), ("device", 0), ("device", 1)]
+    sent = nxt.calls[0]
+    assert sent.sample_ids == [11] and torch.equal(sent.tensor, torch.tensor([[3.0, 3.0]]))
+    assert sent.history.shape == (1, 2, 3)  # both exits' logits travel on: the next tier's gates may read them
+    hop = answer.trace[0]
+    assert (hop.samples_in, hop.samples_exited) == (4, 3)
+    assert hop.flops == 10.0 * 4 + 20.0 * 2 + 5.0 * 1  # each sample pays the exits it reached, sent ones the send
+
+
+def test_without_history_nothing_extra_is_sent():
+    nxt = FakeNext()
+    TierRuntime(two_exit_spec(), TwoExitSegment(), ConfidenceGate(0.9), nxt).process(batch([[0, 0]]))
+    assert nxt.calls[0].history is None
+
+
+@pytest.mark.parametrize("history, words", [
+    (None, "needs the logits of exits 0..1"),
+    (torch.zeros(2, 1, 3), "shape"),
+    (torch.zeros(2, 2, 3, dtype=torch.int64), "floating-point"),
+    (torch.full((2, 2, 3), float("nan")), "NaN"),
+])
+def test_a_tier_that_reads_earlier_exits_refuses_a_request_without_them(history, words):
+    rt = TierRuntime(spec(tier="edge", exits=(2,), num_classes=3, history=True), ToySegment(), ConfidenceGate(0.9),
+                     FakeNext())
+    b = batch([[5, 0], [1, 0]])
+    b.history = history
+    with pytest.raises(InvalidRequest, match=words):
+        rt.process(b)
+
+
+def test_a_gate_that_reads_earlier_exits_needs_them_on_the_wire():
+    from common.errors import ConfigError
+
+    class Reader(ConfidenceGate):
+        needs_history = True
+        kind = "reader"
+
+    with pytest.raises(ConfigError, match="exported without them"):
+        TierRuntime(spec(tier="edge", exits=(1,)), ToySegment(), Reader(0.5), FakeNext())
