@@ -67,6 +67,8 @@ class TrainConfig:
     augment: str = field(default="auto", metadata={"help": "auto, none or crop_flip (auto: none for synthetic)"})
     max_batches: int | None = _h("stop each epoch after this many batches (quick runs, tests)")
     threads: int | None = _h("torch intra-op threads")
+    channels_last: bool = field(default=True, metadata={
+        "help": "train in NHWC memory format (faster convolutions on CPU; the saved weights are the same)"})
     # Exit policies (third stage): fitted on one half of the validation split, calibrated on the other
     policy: str = field(default="confidence", metadata={
         "help": "active policy in the bundle: confidence, entropy, margin, mlp or cost (all are fitted and stored); "

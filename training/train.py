@@ -12,24 +12,32 @@ can be calibrated with ``training.calibrate`` and exported), ``DIR/config.json``
 """
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-from typing import Callable
+import os
 
-import torch
-from torch import nn
+# Before torch loads (its OpenMP runtime reads this once): idle OpenMP threads sleep instead of spin-waiting. On a
+# shared 2-core host a spinning team waits on a peer thread that is descheduled; measured with
+# scripts.bench_training (docs/benchmarks.md#training-speed-on-2-cpu-cores). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import run
-from common.config import add_config_args, resolve_config, save_config
-from common.model import BottleneckSpec, ExitHeadSpec, ModelSpec, MultiExitNet
-from common.model.convert import load_pretrained
-from common.model.split import cost_table
-from training import checkpoint
-from training.config import TrainConfig
-from common.data.datasets import ImageSet, load, normalization, parse_spec
-from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss
-from training.policies import build_policies
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common.cli import run  # noqa: E402
+from common.config import add_config_args, resolve_config, save_config  # noqa: E402
+from common.model import BottleneckSpec, ExitHeadSpec, ModelSpec, MultiExitNet  # noqa: E402
+from common.model.convert import load_pretrained  # noqa: E402
+from common.model.split import cost_table  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from common.data.datasets import ImageSet, load, normalization, parse_spec  # noqa: E402
+from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss  # noqa: E402
+from training.policies import build_policies  # noqa: E402
 
 
 def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int, int]) -> MultiExitNet:
@@ -57,7 +65,9 @@ def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], 
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     if cfg.max_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    # foreach: one multi-tensor update instead of a loop over parameters (scripts.bench_training)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay,
+                          foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch)
     unaugmented = ("synthetic", "mnist")  # synthetic cues are positional; flipped digits are other digits
     augment = cfg.augment == "crop_flip" or (cfg.augment == "auto" and parse_spec(cfg.data).kind not in unaugmented)
@@ -70,7 +80,7 @@ def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], 
         stats = train_one_epoch(
             model, train, lambda outs, y: weighted_exit_loss(outs, y, weights, cfg.distill), opt, sched,
             batch_size=cfg.batch_size, generator=gen, augment=augment, max_batches=cfg.max_batches,
-            desc=f"{stage} {epoch + 1}/{epochs}",
+            desc=f"{stage} {epoch + 1}/{epochs}", channels_last=cfg.channels_last,
         )
         stats.update(stage=stage, epoch=epoch + 1, val=evaluate(model, val))
         print(f"[{stage}] epoch {epoch + 1}/{epochs}  loss {stats['loss']:.4f}  "
@@ -104,6 +114,8 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         checkpoint.save(model, {**base_meta, "gates": None, "progress": {k: stats[k] for k in ("stage", "epoch")}},
                         ckpt)
 
+    if cfg.channels_last:  # NHWC: faster convolutions on CPU; the batches follow in train_step
+        model.to(memory_format=torch.channels_last)
     history: list[dict] = []
     if cfg.mode == "joint":
         history += _fit(model, list(model.parameters()), cfg.loss_weights, cfg.epochs, train_set, val_set, cfg, gen,
@@ -119,6 +131,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
                         cfg, gen, "exits", freeze_backbone=True, on_epoch=save_progress)
         for p in model.backbone.parameters():
             p.requires_grad_(True)
+    model.to(memory_format=torch.contiguous_format)  # what everything after training expects
     model.eval()
     meta = {**base_meta, **fit_and_calibrate(model, val_set, cfg)}
     checkpoint.save(model, meta, ckpt)
@@ -126,11 +139,24 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     return meta
 
 
+def exit_cost_table(model: MultiExitNet) -> tuple[list[float], float]:
+    """``common.model.split.cost_table`` for any model, cascade heads included.
+
+    The split code runs a head on its features alone, so a cascade model is counted through its plain twin (same
+    spec with ``cascade`` off: same stages and head bodies); each cascade head's linear layer reads K more inputs,
+    2·K·K more FLOPs, added for every cascade head a sample passes (exits 1.. of the early ones)."""
+    if not model.spec.cascade:
+        return cost_table(model)
+    costs, full = cost_table(MultiExitNet(dataclasses.replace(model.spec, cascade=False)))
+    k, early = model.spec.num_classes, model.num_exits - 1
+    return [c + 2 * k * k * min(i, early - 1) for i, c in enumerate(costs)], full
+
+
 def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
                       learned: dict | None = None) -> dict:
     """Third stage: fit the learned policies and calibrate every policy on the validation split; the checkpoint
     metadata keys ``policies``, ``policy`` (active), ``gates`` (the active policy's) and ``calibration``."""
-    costs, full = cost_table(model)
+    costs, full = exit_cost_table(model)
     built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,

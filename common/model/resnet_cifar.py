@@ -38,9 +38,9 @@ def _scaled(channels: int, width: float) -> int:
     return max(4, int(round(channels * width)))
 
 
-@register_backbone("resnet18_cifar")
-def resnet18_cifar(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> StagedBackbone:
-    """ResNet-18 for 32x32 inputs: stem, layer1..layer4 (2 blocks each), global pool + linear classifier."""
+def _resnet18_parts(num_classes: int, width: float, in_channels: int
+                    ) -> tuple[nn.Module, list[list[nn.Module]], nn.Module]:
+    """The stem, the four layers' blocks and the classifier of a CIFAR ResNet-18."""
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
     chans = [_scaled(c, width) for c in (64, 128, 256, 512)]
@@ -49,11 +49,31 @@ def resnet18_cifar(num_classes: int = 10, width: float = 1.0, in_channels: int =
         nn.BatchNorm2d(chans[0]),
         nn.ReLU(inplace=True),
     )
-    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    layers: list[list[nn.Module]] = []
     in_ch = chans[0]
-    for i, (out_ch, stride) in enumerate(zip(chans, (1, 2, 2, 2)), start=1):
-        blocks = nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1))
-        stages.append((f"layer{i}", blocks))
+    for out_ch, stride in zip(chans, (1, 2, 2, 2)):
+        layers.append([BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1)])
         in_ch = out_ch
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes))
+    return stem, layers, classifier
+
+
+@register_backbone("resnet18_cifar")
+def resnet18_cifar(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> StagedBackbone:
+    """ResNet-18 for 32x32 inputs: stem, layer1..layer4 (2 blocks each), global pool + linear classifier."""
+    stem, layers, classifier = _resnet18_parts(num_classes, width, in_channels)
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    stages += [(f"layer{i}", nn.Sequential(*blocks)) for i, blocks in enumerate(layers, start=1)]
+    return StagedBackbone(stages, classifier, num_classes=num_classes)
+
+
+@register_backbone("resnet18_cifar_blocks", exit_points=(3, 5))
+def resnet18_cifar_blocks(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> StagedBackbone:
+    """The same ResNet-18 with one stage per residual block (stem, layer1.0, layer1.1, ..., layer4.1: 9 stages), so
+    exits can also sit inside a layer (SDN, Kaya et al., 2019). The defaults (after layer1.1 and layer2.1) are
+    ``resnet18_cifar``'s after layer1 and layer2. Parameters are those of ``resnet18_cifar`` in the same order;
+    only their names differ (``stages.3.conv1`` here for ``stages.2.0.conv1`` there)."""
+    stem, layers, classifier = _resnet18_parts(num_classes, width, in_channels)
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    stages += [(f"layer{i}.{j}", block) for i, blocks in enumerate(layers, start=1) for j, block in enumerate(blocks)]
     return StagedBackbone(stages, classifier, num_classes=num_classes)
