@@ -63,11 +63,11 @@ def test_the_spec_round_trips_and_old_dicts_load():
 
 def test_the_cost_table_of_a_cascade_model_counts_its_wider_linear_layers():
     from common.model.flops import count_flops
-    from training.train import exit_cost_table
+    from common.model.split import cost_table
 
     model = MultiExitNet(spec(True))
-    plain, _ = exit_cost_table(MultiExitNet(spec(False)))
-    costs, full = exit_cost_table(model)
+    plain, _ = cost_table(MultiExitNet(spec(False)))
+    costs, full = cost_table(model)
     # leaving at the final exit runs every stage and every head: the whole forward, counted independently
     assert costs[-1] == count_flops(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8)) and full < costs[-1]
     assert costs[0] == plain[0] and costs[1] - plain[1] == 2 * 49 and costs[2] - plain[2] == 2 * 2 * 49

@@ -20,7 +20,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -139,24 +138,11 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     return meta
 
 
-def exit_cost_table(model: MultiExitNet) -> tuple[list[float], float]:
-    """``common.model.split.cost_table`` for any model, cascade heads included.
-
-    The split code runs a head on its features alone, so a cascade model is counted through its plain twin (same
-    spec with ``cascade`` off: same stages and head bodies); each cascade head's linear layer reads K more inputs,
-    2·K·K more FLOPs, added for every cascade head a sample passes (exits 1.. of the early ones)."""
-    if not model.spec.cascade:
-        return cost_table(model)
-    costs, full = cost_table(MultiExitNet(dataclasses.replace(model.spec, cascade=False)))
-    k, early = model.spec.num_classes, model.num_exits - 1
-    return [c + 2 * k * k * min(i, early - 1) for i, c in enumerate(costs)], full
-
-
 def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
                       learned: dict | None = None) -> dict:
     """Third stage: fit the learned policies and calibrate every policy on the validation split; the checkpoint
     metadata keys ``policies``, ``policy`` (active), ``gates`` (the active policy's) and ``calibration``."""
-    costs, full = exit_cost_table(model)
+    costs, full = cost_table(model)
     built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
