@@ -7,7 +7,7 @@ import torch
 from common.errors import ConfigError
 
 from common.model.gates import LearnedGate, gate_from_dict, gate_to_dict
-from training.calibrate import ExitScores, Objective, cascade, naive_thresholds, policy_family, to_gates
+from training.calibrate import ExitScores, Objective, cascade, history_at, naive_thresholds, policy_family, to_gates
 from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
 
 
@@ -49,9 +49,10 @@ def test_mlp_gate_learns_who_is_right():
     logits, labels = synthetic_exits()
     gates = fit_mlp_gates(logits, labels, epochs=30)
     assert [g.kind for g in gates] == ["mlp", "mlp"] and [g.depth for g in gates] == [0.0, 0.5]
+    assert [g.exit for g in gates] == [0, 1] and all(g.needs_history for g in gates)  # the agreement feature
     test_logits, test_labels = synthetic_exits(seed=1)
-    for gate, lg in zip(gates, test_logits):
-        p = gate.probability(lg)
+    for k, (gate, lg) in enumerate(zip(gates, test_logits)):
+        p = gate.probability(lg, history=history_at(test_logits, k))
         assert _auc(p, lg.argmax(1) == test_labels) > 0.85
 
 
@@ -59,8 +60,9 @@ def test_learned_gates_survive_the_manifest_exactly():
     logits, labels = synthetic_exits(n=500)
     gate = fit_mlp_gates(logits, labels, epochs=5)[0].with_threshold(0.37)
     again = gate_from_dict(json.loads(json.dumps(gate_to_dict(gate))))
-    assert isinstance(again, LearnedGate) and again.threshold == 0.37
-    assert torch.equal(again.probability(logits[0]), gate.probability(logits[0]))
+    assert isinstance(again, LearnedGate) and again.threshold == 0.37 and again.exit == 0
+    history = history_at(logits, 0)
+    assert torch.equal(again.probability(logits[0], history=history), gate.probability(logits[0], history=history))
 
 
 def test_cost_alpha_trades_accuracy_for_flops():
@@ -126,9 +128,9 @@ def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
     logits, labels = synthetic_exits(n=1000)
     built = build_policies(logits, labels, COSTS, FULL, alpha=0.4, epochs=5, max_batches=None, seed=0,
                            budget=0.7)
-    assert set(built["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    assert set(built["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost", "ensemble"}
     assert all(len(g) == 2 for g in built["policies"].values())
     assert all(c["val_samples"] == 500 for c in built["calibration"].values())
     assert built["calibration"]["cost"]["target"] == 0.4
-    for name in ("confidence", "entropy", "margin", "mlp"):
+    for name in ("confidence", "entropy", "margin", "mlp", "ensemble"):
         assert built["calibration"][name]["val_flops_fraction"] <= 0.7
