@@ -6,7 +6,7 @@ import torch
 
 from common.errors import ConfigError
 
-from common.model.gates import LearnedGate, gate_from_dict, gate_to_dict
+from common.model.gates import ConstantGate, EnsembleGate, LearnedGate, answer_stats, gate_from_dict, gate_to_dict
 from training.calibrate import ExitScores, Objective, cascade, history_at, naive_thresholds, policy_family, to_gates
 from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
 
@@ -134,3 +134,32 @@ def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
     assert built["calibration"]["cost"]["target"] == 0.4
     for name in ("confidence", "entropy", "margin", "mlp", "ensemble"):
         assert built["calibration"][name]["val_flops_fraction"] <= 0.7
+
+
+def test_ensemble_calibration_keeps_its_promise_on_fresh_data():
+    """LTT-calibrated ensemble gates, fitted and calibrated on one draw, keep a 2-point drop on a large fresh draw;
+    calibration judges each exit by the ensemble's label, not the exit's own."""
+    logits, labels = synthetic_exits(n=4000, seed=3)
+    built = build_policies(logits, labels, COSTS, FULL, alpha=0.4, epochs=3, max_batches=None, seed=0,
+                           target_drop=2.0, method="ltt")
+    gates = [gate_from_dict(g) for g in built["policies"]["ensemble"]]
+    assert all(isinstance(g, EnsembleGate) and g.needs_history for g in gates)
+    assert built["calibration"]["ensemble"]["method"] == "ltt"
+    assert sum(built["calibration"]["ensemble"]["val_exit_counts"][:2]) > 0  # it does exit early
+    fresh, fresh_labels = synthetic_exits(n=20000, seed=4)
+    out = cascade(fresh, fresh_labels, gates, COSTS)
+    final = float((fresh[-1].argmax(1) == fresh_labels).double().mean())
+    assert out["accuracy"] >= final - 0.02
+    # The labels calibration scores at exit 1 are the ensemble's.
+    family = policy_family("ensemble", gates, 2)
+    es = ExitScores.build(fresh, fresh_labels, family, COSTS, FULL)
+    ensemble_labels = answer_stats(gates[1], fresh[1], history_at(fresh, 1))["label"]
+    assert torch.equal(torch.from_numpy(es.preds[1]), ensemble_labels)
+    assert not torch.equal(ensemble_labels, fresh[1].argmax(1))
+
+
+def test_policy_family_needs_the_right_fitted_gates():
+    with pytest.raises(ConfigError, match="without its fitted gates"):
+        policy_family("ensemble", None, 2)
+    with pytest.raises(ConfigError, match="without its fitted gates"):
+        policy_family("ensemble", [ConstantGate(False)] * 2, 2)
