@@ -7,8 +7,10 @@ import torch
 from common.errors import ConfigError
 
 from common.model.gates import ConstantGate, EnsembleGate, LearnedGate, answer_stats, gate_from_dict, gate_to_dict
-from training.calibrate import ExitScores, Objective, cascade, history_at, naive_thresholds, policy_family, to_gates
-from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
+from training.calibrate import (ExitScores, Objective, calibrate_scores, cascade, history_at, naive_thresholds,
+                                policy_family, to_gates)
+from training.policies import (build_policies, cascade_objective, fit_cost_gates, fit_ensemble_gates, fit_mlp_gates,
+                               gate_split)
 
 
 def calibrate_policy(exit_logits, labels, family, costs, *, target_accuracy=None, target_drop=None, budget=None,
@@ -137,21 +139,28 @@ def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
 
 
 def test_ensemble_calibration_keeps_its_promise_on_fresh_data():
-    """LTT-calibrated ensemble gates, fitted and calibrated on one draw, keep a 2-point drop on a large fresh draw;
-    calibration judges each exit by the ensemble's label, not the exit's own."""
-    logits, labels = synthetic_exits(n=4000, seed=3)
-    built = build_policies(logits, labels, COSTS, FULL, alpha=0.4, epochs=3, max_batches=None, seed=0,
-                           target_drop=2.0, method="ltt")
-    gates = [gate_from_dict(g) for g in built["policies"]["ensemble"]]
-    assert all(isinstance(g, EnsembleGate) and g.needs_history for g in gates)
-    assert built["calibration"]["ensemble"]["method"] == "ltt"
-    assert sum(built["calibration"]["ensemble"]["val_exit_counts"][:2]) > 0  # it does exit early
-    fresh, fresh_labels = synthetic_exits(n=20000, seed=4)
-    out = cascade(fresh, fresh_labels, gates, COSTS)
-    final = float((fresh[-1].argmax(1) == fresh_labels).double().mean())
-    assert out["accuracy"] >= final - 0.02
-    # The labels calibration scores at exit 1 are the ensemble's.
+    """Ensemble gates fitted on one draw and LTT-calibrated (delta = 0.1) on each of 10 further draws keep a 2-point
+    drop on a large fresh draw in at least 8 of the 10 (one draw may fail by design, about one in ten); calibration
+    judges each exit by the ensemble's label, not the exit's own."""
+    logits, labels = synthetic_exits(n=2000, seed=3)
+    gates = fit_ensemble_gates(logits, labels)
     family = policy_family("ensemble", gates, 2)
+    path = ExitScores.build(logits, labels, family, COSTS, FULL)
+    fresh, fresh_labels = synthetic_exits(n=10000, seed=4)
+    final = float((fresh[-1].argmax(1) == fresh_labels).double().mean())
+    objective = Objective.from_targets(None, 2.0, None, "ltt")
+    held, early = 0, 0
+    for seed in range(10, 20):
+        cal_logits, cal_labels = synthetic_exits(n=2000, seed=seed)
+        es = ExitScores.build(cal_logits, cal_labels, family, COSTS, FULL)
+        thresholds, info = calibrate_scores(es, objective, "ltt", 0.1, "wsr", path=path)
+        chosen = to_gates(family, thresholds)
+        assert all(isinstance(g, EnsembleGate) and g.needs_history for g in chosen)
+        out = cascade(fresh, fresh_labels, chosen, COSTS)
+        held += out["accuracy"] >= final - 0.02
+        early += sum(out["exit_counts"][:2]) > 0
+    assert held >= 8 and early == 10  # it does exit early, every time
+    # The labels calibration scores at exit 1 are the ensemble's.
     es = ExitScores.build(fresh, fresh_labels, family, COSTS, FULL)
     ensemble_labels = answer_stats(gates[1], fresh[1], history_at(fresh, 1))["label"]
     assert torch.equal(torch.from_numpy(es.preds[1]), ensemble_labels)

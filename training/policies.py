@@ -7,8 +7,8 @@
   the loss is the cross-entropy of the exit taken and the cost is the FLOPs spent up to it, as a share of the
   whole network's. One ``alpha`` in [0, 1] trades accuracy for computation (after LEENet).
 
-* ``ensemble`` - at each early exit k, the weights of a geometric ensemble of exits 0..k and a per-class bias
-  (Zero Time Waste), fitted by L-BFGS to minimise the ensemble's negative log-likelihood, starting from the plain exit.
+* ``ensemble`` - at each early exit k, the non-negative weights of a geometric ensemble of exits 0..k and a per-class
+  bias (Zero Time Waste), fitted to minimise the ensemble's negative log-likelihood, starting from the plain exit.
 
 All are fitted on data the backbone was not trained on, and are cheap: they only see the exits' logits.
 """
@@ -74,10 +74,13 @@ def ensemble_nll(weights: Tensor, bias: Tensor, log_probs: Tensor, labels: Tenso
     return F.cross_entropy(log_q, labels)
 
 
-def fit_ensemble_gates(exit_logits: list[Tensor], labels: Tensor, *, iterations: int = 100) -> list[EnsembleGate]:
+def fit_ensemble_gates(exit_logits: list[Tensor], labels: Tensor, *, steps: int = 100,
+                       lr: float = 0.1) -> list[EnsembleGate]:
     """One ``ensemble`` gate per early exit k: the weights of exits 0..k and a per-class bias minimising the
-    ensemble's NLL of ``labels`` (full-batch L-BFGS, deterministic), from the plain exit (weights one-hot on k, bias
-    0); a fit that ends worse than its start keeps the start. Thresholds are placeholders until calibrated."""
+    ensemble's NLL of ``labels``, by full-batch Adam steps (deterministic) from the plain exit (weights one-hot on k,
+    bias 0). Weights are kept non-negative (projected after each step), as in Zero Time Waste, so an earlier exit can
+    only add its vote, never count against it; a fit that ends worse than its start keeps the start. Thresholds are
+    placeholders until calibrated."""
     gates = []
     for k in range(len(exit_logits) - 1):
         log_probs = torch.log_softmax(history_at(exit_logits, k).float(), dim=2)
@@ -86,15 +89,13 @@ def fit_ensemble_gates(exit_logits: list[Tensor], labels: Tensor, *, iterations:
         bias = torch.zeros(log_probs.shape[2])
         start = float(ensemble_nll(weights, bias, log_probs, labels))
         w, b = weights.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
+        opt = torch.optim.Adam([w, b], lr=lr)
+        for _ in range(steps):
             opt.zero_grad()
-            loss = ensemble_nll(w, b, log_probs, labels)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+            ensemble_nll(w, b, log_probs, labels).backward()
+            opt.step()
+            with torch.no_grad():
+                w.clamp_(min=0.0)
         with torch.no_grad():
             end = float(ensemble_nll(w, b, log_probs, labels))
         if end < start and torch.isfinite(w).all() and torch.isfinite(b).all():
