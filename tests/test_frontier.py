@@ -11,8 +11,20 @@ def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
                           "--points", "11", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "frontier.json").read_text())
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
-    assert set(result["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    assert set(result["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost", "ensemble"}
     assert len(result["policies"]["cost"]["points"]) == 1 and len(result["policies"]["mlp"]["points"]) > 5
+    assert len(result["policies"]["ensemble"]["points"]) > 5
+    # The frontier's reach at 1, 2 and 5 points of drop: a swept policy's never-exit point is always within it (the
+    # cost policy here is one point, which may be outside).
+    assert set(result["at_drop"]) == set(result["policies"])
+    for name, reach in result["at_drop"].items():
+        assert list(reach) == ["1", "2", "5"]
+        if name == "cost":
+            continue
+        assert all(r is not None for r in reach.values())
+        flops = [r["flops_fraction"] for r in reach.values()]
+        assert flops == sorted(flops, reverse=True)  # a looser drop never costs more
+        assert all(r["accuracy"] >= result["final_accuracy"] - float(d) / 100 - 1e-9 for d, r in reach.items())
     # The calibrated point is what the deployed chain actually does on the same data.
     report, _ = evaluate_in_process(tiny_bundle, test_slice.images, test_slice.labels, batch_size=64)
     cal = result["calibrated"]
@@ -47,7 +59,7 @@ def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
                           "--points", "6", "--calibrate-on", "val", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "frontier.json").read_text())
     assert result["calibration_samples"] == 192
-    for name in ("confidence", "entropy", "margin", "mlp"):
+    for name in ("confidence", "entropy", "margin", "mlp", "ensemble"):
         pe = result["policies"][name]["per_exit"]
         assert sorted(p["parameter"] for p in pe) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
         assert all(sum(p["exits"].values()) == 192 for p in pe)

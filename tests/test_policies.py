@@ -6,9 +6,11 @@ import torch
 
 from common.errors import ConfigError
 
-from common.model.gates import LearnedGate, gate_from_dict, gate_to_dict
-from training.calibrate import ExitScores, Objective, cascade, naive_thresholds, policy_family, to_gates
-from training.policies import build_policies, cascade_objective, fit_cost_gates, fit_mlp_gates, gate_split
+from common.model.gates import ConstantGate, EnsembleGate, LearnedGate, answer_stats, gate_from_dict, gate_to_dict
+from training.calibrate import (ExitScores, Objective, calibrate_scores, cascade, history_at, naive_thresholds,
+                                policy_family, to_gates)
+from training.policies import (build_policies, cascade_objective, fit_cost_gates, fit_ensemble_gates, fit_mlp_gates,
+                               gate_split)
 
 
 def calibrate_policy(exit_logits, labels, family, costs, *, target_accuracy=None, target_drop=None, budget=None,
@@ -49,9 +51,10 @@ def test_mlp_gate_learns_who_is_right():
     logits, labels = synthetic_exits()
     gates = fit_mlp_gates(logits, labels, epochs=30)
     assert [g.kind for g in gates] == ["mlp", "mlp"] and [g.depth for g in gates] == [0.0, 0.5]
+    assert [g.exit for g in gates] == [0, 1] and all(g.needs_history for g in gates)  # the agreement feature
     test_logits, test_labels = synthetic_exits(seed=1)
-    for gate, lg in zip(gates, test_logits):
-        p = gate.probability(lg)
+    for k, (gate, lg) in enumerate(zip(gates, test_logits)):
+        p = gate.probability(lg, history=history_at(test_logits, k))
         assert _auc(p, lg.argmax(1) == test_labels) > 0.85
 
 
@@ -59,8 +62,9 @@ def test_learned_gates_survive_the_manifest_exactly():
     logits, labels = synthetic_exits(n=500)
     gate = fit_mlp_gates(logits, labels, epochs=5)[0].with_threshold(0.37)
     again = gate_from_dict(json.loads(json.dumps(gate_to_dict(gate))))
-    assert isinstance(again, LearnedGate) and again.threshold == 0.37
-    assert torch.equal(again.probability(logits[0]), gate.probability(logits[0]))
+    assert isinstance(again, LearnedGate) and again.threshold == 0.37 and again.exit == 0
+    history = history_at(logits, 0)
+    assert torch.equal(again.probability(logits[0], history=history), gate.probability(logits[0], history=history))
 
 
 def test_cost_alpha_trades_accuracy_for_flops():
@@ -126,9 +130,45 @@ def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
     logits, labels = synthetic_exits(n=1000)
     built = build_policies(logits, labels, COSTS, FULL, alpha=0.4, epochs=5, max_batches=None, seed=0,
                            budget=0.7)
-    assert set(built["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    assert set(built["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost", "ensemble"}
     assert all(len(g) == 2 for g in built["policies"].values())
     assert all(c["val_samples"] == 500 for c in built["calibration"].values())
     assert built["calibration"]["cost"]["target"] == 0.4
-    for name in ("confidence", "entropy", "margin", "mlp"):
+    for name in ("confidence", "entropy", "margin", "mlp", "ensemble"):
         assert built["calibration"][name]["val_flops_fraction"] <= 0.7
+
+
+def test_ensemble_calibration_keeps_its_promise_on_fresh_data():
+    """Ensemble gates fitted on one draw and LTT-calibrated (delta = 0.1) on each of 10 further draws keep a 2-point
+    drop on a large fresh draw in at least 8 of the 10 (one draw may fail by design, about one in ten); calibration
+    judges each exit by the ensemble's label, not the exit's own."""
+    logits, labels = synthetic_exits(n=2000, seed=3)
+    gates = fit_ensemble_gates(logits, labels)
+    family = policy_family("ensemble", gates, 2)
+    path = ExitScores.build(logits, labels, family, COSTS, FULL)
+    fresh, fresh_labels = synthetic_exits(n=10000, seed=4)
+    final = float((fresh[-1].argmax(1) == fresh_labels).double().mean())
+    objective = Objective.from_targets(None, 2.0, None, "ltt")
+    held, early = 0, 0
+    for seed in range(10, 20):
+        cal_logits, cal_labels = synthetic_exits(n=2000, seed=seed)
+        es = ExitScores.build(cal_logits, cal_labels, family, COSTS, FULL)
+        thresholds, info = calibrate_scores(es, objective, "ltt", 0.1, "wsr", path=path)
+        chosen = to_gates(family, thresholds)
+        assert all(isinstance(g, EnsembleGate) and g.needs_history for g in chosen)
+        out = cascade(fresh, fresh_labels, chosen, COSTS)
+        held += out["accuracy"] >= final - 0.02
+        early += sum(out["exit_counts"][:2]) > 0
+    assert held >= 8 and early == 10  # it does exit early, every time
+    # The labels calibration scores at exit 1 are the ensemble's.
+    es = ExitScores.build(fresh, fresh_labels, family, COSTS, FULL)
+    ensemble_labels = answer_stats(gates[1], fresh[1], history_at(fresh, 1))["label"]
+    assert torch.equal(torch.from_numpy(es.preds[1]), ensemble_labels)
+    assert not torch.equal(ensemble_labels, fresh[1].argmax(1))
+
+
+def test_policy_family_needs_the_right_fitted_gates():
+    with pytest.raises(ConfigError, match="without its fitted gates"):
+        policy_family("ensemble", None, 2)
+    with pytest.raises(ConfigError, match="without its fitted gates"):
+        policy_family("ensemble", [ConstantGate(False)] * 2, 2)

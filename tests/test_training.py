@@ -16,7 +16,7 @@ def test_joint_run_writes_a_calibrated_checkpoint(tiny_run):
     model, meta = checkpoint.load(tiny_run)
     assert len(meta["gates"]) == 2 and meta["class_names"][0] == "class0"
     assert meta["policy"] == "confidence" and meta["gates"] == meta["policies"]["confidence"]
-    assert set(meta["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost"}
+    assert set(meta["policies"]) == {"confidence", "entropy", "margin", "mlp", "cost", "ensemble"}
     for name, cal in meta["calibration"].items():  # calibrated on the half of validation the gates never saw
         assert cal["val_samples"] == 200 and sum(cal["val_exit_counts"]) == 200, name
         assert 0 < cal["val_flops_fraction"] < 1.1

@@ -9,8 +9,12 @@ an accuracy target - the highest coverage that meets it; 201 targets give the ca
   on the other half (``training.risk``): the thresholds it returns meet the target on new data from the same
   distribution with probability >= 1 - delta over the draw of the calibration data.
 
+Scores and correctness at exit k see the logits of exits 0..k (``history``), since some policies (``ensemble``, the
+``mlp`` gate's agreement feature) read the earlier exits, and the ``ensemble`` answers with its own label.
+
 ``python -m training.calibrate --checkpoint FILE [--policy NAME] [--target-accuracy A | --target-drop D |
---budget-flops B] [--method ltt|naive] [--delta 0.1]`` re-calibrates a trained checkpoint in place.
+--budget-flops B] [--method ltt|naive] [--delta 0.1] [--refit]`` re-calibrates a trained checkpoint in place; fitted
+policies the checkpoint lacks are fitted first, and ``--refit`` fits all of them again.
 """
 from __future__ import annotations
 
@@ -25,11 +29,19 @@ from torch import Tensor
 
 from common.cli import run
 from common.errors import ConfigError
-from common.model.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, Gate, LearnedGate, softmax_stats, threshold_gate)
+from common.model.gates import (POLICY_NAMES, THRESHOLD_GATES, ConstantGate, EnsembleGate, Gate, LearnedGate,
+                                answer_stats, needs_history, softmax_stats, threshold_gate)
 from training.config import check_targets
 from training.risk import BOUNDS, fixed_sequence, pvalue
 
 POLICIES = POLICY_NAMES
+FITTED = tuple(p for p in POLICIES if p not in THRESHOLD_GATES)  # policies with weights fitted on validation logits
+_TEMPLATE = {"mlp": LearnedGate, "cost": LearnedGate, "ensemble": EnsembleGate}
+
+
+def history_at(exit_logits: list[Tensor], k: int) -> Tensor:
+    """``(N, k + 1, K)``: the logits of exits 0..k, earliest first, exit k's last (what a gate's ``history`` is)."""
+    return torch.stack(exit_logits[:k + 1], dim=1)
 
 
 def gate_score(logits: Tensor, kind: str) -> np.ndarray:
@@ -56,36 +68,50 @@ def coverage_threshold(scores: np.ndarray, correct: np.ndarray, target: float) -
 
 @dataclass(frozen=True)
 class Thresholdable:
-    """One early exit's policy as a family of gates indexed by a threshold on a score (higher = more willing)."""
+    """One early exit's policy as a family of gates indexed by a threshold on a score (higher = more willing).
+    ``score`` takes the ``history`` of exit k (``history_at``), so it may read the earlier exits."""
 
     score: Callable[[Tensor], np.ndarray]
     make: Callable[[float], Gate]
     never: Callable[[], Gate] = lambda: ConstantGate(False)  # the gate of a threshold no sample reaches
+
+    def answers(self, history: Tensor) -> Tensor:
+        """The label this exit answers each sample with (the same for every threshold): ``answer_stats``'."""
+        gate = self.never()
+        return answer_stats(gate, history[:, -1], history)["label"]
 
 
 def policy_family(policy: str, templates: list[Gate] | None = None, num_early: int = 2) -> list[Thresholdable]:
     """The thresholdable form of ``policy`` for each early exit. Learned policies need their fitted ``templates``."""
     if policy in THRESHOLD_GATES:
         direction = THRESHOLD_GATES[policy][1]
-        fam = Thresholdable(lambda lg: gate_score(lg, policy), lambda t: threshold_gate(policy, t * direction))
+        fam = Thresholdable(lambda h: gate_score(h[:, -1], policy), lambda t: threshold_gate(policy, t * direction))
         return [fam] * num_early
-    if policy in ("mlp", "cost") and templates and all(isinstance(g, LearnedGate) for g in templates):
-        # A learned gate that may exit nothing keeps its weights (re-calibration and alpha need them) with a
+    if policy in FITTED and templates and all(isinstance(g, _TEMPLATE[policy]) for g in templates):
+        # A fitted gate that may exit nothing keeps its weights (re-calibration and alpha need them) with a
         # threshold no probability reaches.
-        return [Thresholdable(lambda lg, g=g: g.probability(lg).double().numpy(), g.with_threshold,
-                              lambda g=g: g.with_threshold(2.0)) for g in templates]
-    raise ConfigError(f"cannot calibrate policy {policy!r}" + ("" if policy in ("mlp", "cost") else
+        return [Thresholdable(lambda h, g=g: _probability(g, h), g.with_threshold, lambda g=g: g.with_threshold(2.0))
+                for g in templates]
+    raise ConfigError(f"cannot calibrate policy {policy!r}" + (" without its fitted gates" if policy in FITTED else
                       f"; use one of {', '.join(POLICIES)}"))
+
+
+def _probability(gate: LearnedGate | EnsembleGate, history: Tensor) -> np.ndarray:
+    """The score a fitted gate thresholds: the MLP's probability, or the ensemble's maximum probability."""
+    logits = history[:, -1]
+    if isinstance(gate, EnsembleGate):
+        return gate.answer_stats(logits, history)["confidence"].double().numpy()
+    return gate.probability(logits, history=history).double().numpy()
 
 
 def bundle_families(bundles: list) -> dict[str, list[Thresholdable]]:
     """Every policy the loaded tier bundles (``common.model.bundle.TierBundle``, in order) can threshold: the statistic
-    gates, and the learned ``mlp`` / ``cost`` gates the early tiers all store."""
+    gates, and the fitted ``mlp`` / ``cost`` / ``ensemble`` gates the early tiers all store."""
     early = [b for b in bundles if b.manifest.num_early]  # the tiers holding early exits
     num_early = sum(b.manifest.num_early for b in early)
     stored = set.intersection(*(set(b.manifest.policies) for b in early))
     families = {kind: policy_family(kind, num_early=num_early) for kind in THRESHOLD_GATES}
-    for kind in ("mlp", "cost"):
+    for kind in FITTED:
         if kind in stored:
             families[kind] = policy_family(kind, [g for b in early for g in b.policy_gates(kind)], num_early)
     return families
@@ -94,7 +120,8 @@ def bundle_families(bundles: list) -> dict[str, list[Thresholdable]]:
 @dataclass(frozen=True)
 class ExitScores:
     """What calibration needs from cached exit outputs, as arrays: each early exit's gate score (higher = more
-    willing to exit), every exit's predicted label, the labels, and the cumulative cost of leaving at each exit.
+    willing to exit), the label every exit answers with under the policy (the ensemble's for ``ensemble``), the
+    labels, and the cumulative cost of leaving at each exit.
 
     A thresholded gate made by ``Thresholdable.make(t)`` accepts exactly the samples whose score is ``>= t``, so
     the cascade of any threshold vector can be simulated without touching the logits again.
@@ -112,8 +139,10 @@ class ExitScores:
     @classmethod
     def build(cls, exit_logits: list[Tensor], labels: Tensor, family: list[Thresholdable], costs: list[float],
               full: float | None = None) -> "ExitScores":
-        scores = np.stack([fam.score(lg) for fam, lg in zip(family, exit_logits[:-1])]).reshape(len(family), -1)
-        preds = torch.stack([lg.argmax(1) for lg in exit_logits]).numpy()
+        histories = [history_at(exit_logits, k) for k in range(len(family))]
+        scores = np.stack([fam.score(h) for fam, h in zip(family, histories)]).reshape(len(family), -1)
+        preds = torch.stack([fam.answers(h) for fam, h in zip(family, histories)]
+                            + [exit_logits[-1].argmax(1)]).numpy()
         return cls(scores, preds, labels.numpy(), np.asarray(costs, dtype=np.float64),
                    float(costs[-1] if full is None else full))
 
@@ -317,16 +346,21 @@ def calibrate_scores(es: ExitScores, objective: Objective, method: str = "naive"
     return ltt_thresholds(path, es, objective, delta, bound)
 
 
-def exit_taken(exit_logits: list[Tensor], gates: list[Gate]) -> Tensor:
-    """Index of the exit each sample leaves at when ``gates`` guard the early exits (cascade order)."""
+def cascade_answers(exit_logits: list[Tensor], gates: list[Gate]) -> tuple[Tensor, Tensor]:
+    """The exit each sample leaves at and the label it is answered with when ``gates`` guard the early exits, as the
+    tiers decide: ``answer_stats`` of the exit, then the gate, the history given to the gates that need it."""
     n = len(exit_logits[0])
     exit_of = torch.full((n,), len(exit_logits) - 1, dtype=torch.long)
+    answer = exit_logits[-1].argmax(1)
     remaining = torch.ones(n, dtype=torch.bool)
     for k, (logits, gate) in enumerate(zip(exit_logits[:-1], gates)):
-        take = remaining & gate(logits)
+        history = history_at(exit_logits, k) if needs_history(gate) else None
+        stats = answer_stats(gate, logits, history)
+        take = remaining & gate(logits, stats, history)
         exit_of[take] = k
+        answer = torch.where(take, stats["label"], answer)
         remaining &= ~take
-    return exit_of
+    return exit_of, answer
 
 
 def cascade(exit_logits: list[Tensor], labels: Tensor, gates: list[Gate],
@@ -334,8 +368,7 @@ def cascade(exit_logits: list[Tensor], labels: Tensor, gates: list[Gate],
     """Simulate the deployed cascade on cached logits: accuracy, exits per exit index and, given the cumulative
     cost of leaving at each exit, the mean cost per sample."""
     n = len(labels)
-    exit_of = exit_taken(exit_logits, gates)
-    preds = torch.stack([lg.argmax(1) for lg in exit_logits])[exit_of, torch.arange(n)]
+    exit_of, preds = cascade_answers(exit_logits, gates)
     counts = torch.bincount(exit_of, minlength=len(exit_logits))
     out = {"accuracy": int((preds == labels).sum()) / n, "exit_counts": counts.tolist()}
     if exit_costs is not None:
@@ -360,11 +393,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "on validation data, no guarantee (default: the checkpoint's)")
     p.add_argument("--delta", type=float, default=None, help="ltt: allowed probability that the promise fails")
     p.add_argument("--bound", choices=BOUNDS, default=None, help="ltt: concentration bound (default wsr)")
+    p.add_argument("--refit", action="store_true",
+                   help=f"fit the learned policies ({', '.join(FITTED)}) again on the validation split instead of "
+                        "keeping the checkpoint's (those it lacks are always fitted)")
+    p.add_argument("--gate-agreement", action=argparse.BooleanOptionalAction, default=None,
+                   help="mlp gates fitted here use the agreement feature (default: the checkpoint's setting, else yes)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Re-calibrate every policy of a checkpoint (learned gates are kept, only thresholds move) and save it."""
+    """Re-calibrate every policy of a checkpoint and save it: stored fitted gates are kept (only their thresholds
+    move) unless ``--refit``; fitted policies the checkpoint lacks (e.g. ones newer than it) are fitted first."""
     from common.model.gates import gate_from_dict
     from training import checkpoint
     from training.config import TrainConfig
@@ -379,22 +418,24 @@ def main(argv: list[str] | None = None) -> int:
         saved["policy"] = args.policy
     if args.data:
         saved["data"] = args.data
-    for key in ("method", "delta", "bound"):
+    for key in ("method", "delta", "bound", "gate_agreement"):
         if getattr(args, key) is not None:
             saved["calibration" if key == "method" else key] = getattr(args, key)
     try:
         cfg = TrainConfig(**saved)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot re-calibrate with these settings: {e}") from None
-    learned = None
-    if meta.get("policies"):  # keep the fitted gates; only their thresholds are re-calibrated
-        learned = {k: [gate_from_dict(g) for g in meta["policies"][k]] for k in ("mlp", "cost")}
-        learned = {k: [g.with_threshold(0.5) for g in v] for k, v in learned.items()}
+    stored = {} if args.refit else (meta.get("policies") or {})
+    # Keep the fitted gates the checkpoint has; only their thresholds are re-calibrated.
+    learned = {k: [gate_from_dict(g).with_threshold(0.5) for g in stored[k]] for k in FITTED if k in stored}
+    missing = [k for k in FITTED if k not in learned]
+    if missing:
+        print(f"fitting {', '.join(missing)} on the validation split" + (" (--refit)" if args.refit else ""))
     val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val)
     meta.update(fit_and_calibrate(model, val, cfg, learned))
     meta["config"] = {**meta["config"], "target_accuracy": cfg.target_accuracy, "target_drop": cfg.target_drop,
                       "budget_flops": cfg.budget_flops, "policy": cfg.policy, "calibration": cfg.calibration,
-                      "delta": cfg.delta, "bound": cfg.bound}
+                      "delta": cfg.delta, "bound": cfg.bound, "gate_agreement": cfg.gate_agreement}
     checkpoint.save(model, meta, args.checkpoint)
     print(f"calibrated on {len(val)} validation samples of {cfg.data}; active policy {cfg.policy}")
     return 0

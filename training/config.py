@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.errors import ConfigError
+from common.model.gates import POLICY_NAMES
 
 
 def check_targets(target_accuracy: float | None, target_drop: float | None, budget_flops: float | None) -> None:
@@ -71,8 +72,10 @@ class TrainConfig:
         "help": "train in NHWC memory format (faster convolutions on CPU; the saved weights are the same)"})
     # Exit policies (third stage): fitted on one half of the validation split, calibrated on the other
     policy: str = field(default="confidence", metadata={
-        "help": "active policy in the bundle: confidence, entropy, margin, mlp or cost (all are fitted and stored); "
-                "both: the static confidence threshold and the learned mlp gate side by side, mlp active"})
+        "help": "active policy in the bundle: confidence, entropy, margin, mlp, cost or ensemble (all are fitted and "
+                "stored); both: the static confidence threshold and the learned mlp gate side by side, mlp active"})
+    gate_agreement: bool = field(default=True, metadata={
+        "help": "mlp policy: its gates also see whether the exit agrees with the previous one (needs their logits)"})
     alpha: float = field(default=0.5, metadata={"help": "cost policy: weight of FLOPs against loss, in [0, 1]"})
     epochs_gates: int = field(default=40, metadata={"help": "epochs of learned-gate fitting on cached exit outputs"})
     gate_max_batches: int | None = _h("stop each gate-fitting epoch after this many batches")
@@ -113,8 +116,8 @@ class TrainConfig:
             raise ValueError("width, batch_size and lr must be positive")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.policy not in ("confidence", "entropy", "margin", "mlp", "cost", "both"):
-            raise ValueError(f"policy must be confidence, entropy, margin, mlp, cost or both, got {self.policy!r}")
+        if self.policy not in (*POLICY_NAMES, "both"):
+            raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)} or both, got {self.policy!r}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         check_targets(self.target_accuracy, self.target_drop, self.budget_flops)

@@ -1,12 +1,16 @@
 """Fitting the learned exit policies on cached exit outputs (the third training stage).
 
-* ``mlp``  - one gate per early exit, trained with binary cross-entropy to predict whether that exit's answer is right.
+* ``mlp``  - one gate per early exit, trained with binary cross-entropy to predict whether that exit's answer is right;
+  by default its inputs include whether the exit agrees with the previous one (``agreement``, PABEE-style).
 * ``cost`` - the gates of all early exits trained together to minimise ``(1 - alpha) * E[loss] + alpha * E[cost]``,
   where a sample's exit distribution follows the cascade (exit k is reached only if every earlier gate declined),
   the loss is the cross-entropy of the exit taken and the cost is the FLOPs spent up to it, as a share of the
   whole network's. One ``alpha`` in [0, 1] trades accuracy for computation (after LEENet).
 
-Both are fitted on data the backbone was not trained on, and are cheap: they only see the exits' logits.
+* ``ensemble`` - at each early exit k, the non-negative weights of a geometric ensemble of exits 0..k and a per-class
+  bias (Zero Time Waste), fitted to minimise the ensemble's negative log-likelihood, starting from the plain exit.
+
+All are fitted on data the backbone was not trained on, and are cheap: they only see the exits' logits.
 """
 from __future__ import annotations
 
@@ -14,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.model.gates import GateMLP, LearnedGate, gate_features, gate_to_dict
-from training.calibrate import POLICIES, ExitScores, Objective, calibrate_scores, cascade, policy_family, to_gates
+from common.model.gates import EnsembleGate, GateMLP, LearnedGate, agreement, gate_features, gate_to_dict
+from training.calibrate import (FITTED, POLICIES, ExitScores, Objective, calibrate_scores, cascade, history_at,
+                                policy_family, to_gates)
 
 
 def _standardised_mlp(features: Tensor, hidden: int, seed: int) -> GateMLP:
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(seed)
-        mlp = GateMLP(hidden)
+        mlp = GateMLP(hidden, features.shape[1])
     mlp.mean.copy_(features.mean(0))
     mlp.std.copy_(features.std(0).nan_to_num(1.0).clamp_min(1e-4))
     return mlp
@@ -40,12 +45,16 @@ def _minibatches(n: int, batch_size: int, gen: torch.Generator, max_batches: int
 
 
 def fit_mlp_gates(exit_logits: list[Tensor], labels: Tensor, *, epochs: int = 40, max_batches: int | None = None,
-                  batch_size: int = 256, lr: float = 1e-2, hidden: int = 16, seed: int = 0) -> list[LearnedGate]:
-    """One ``mlp`` gate per early exit; its probability estimates P(this exit's prediction is correct)."""
+                  batch_size: int = 256, lr: float = 1e-2, hidden: int = 16, seed: int = 0,
+                  use_agreement: bool = True) -> list[LearnedGate]:
+    """One ``mlp`` gate per early exit; its probability estimates P(this exit's prediction is correct). With
+    ``use_agreement`` its inputs include whether the exit agrees with the previous one, and it needs history."""
     gen = torch.Generator().manual_seed(seed)
     gates = []
     for k, (logits, depth) in enumerate(zip(exit_logits[:-1], _depths(len(exit_logits)))):
         features = gate_features(logits, depth)
+        if use_agreement:
+            features = torch.cat([features, agreement(history_at(exit_logits, k))[:, None]], dim=1)
         target = (logits.argmax(1) == labels).float()
         mlp = _standardised_mlp(features, hidden, seed + k)
         opt = torch.optim.Adam(mlp.net.parameters(), lr=lr)
@@ -55,7 +64,43 @@ def fit_mlp_gates(exit_logits: list[Tensor], labels: Tensor, *, epochs: int = 40
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        gates.append(LearnedGate("mlp", mlp.eval(), depth, 0.5))
+        gates.append(LearnedGate("mlp", mlp.eval(), depth, 0.5, exit=k if use_agreement else None))
+    return gates
+
+
+def ensemble_nll(weights: Tensor, bias: Tensor, log_probs: Tensor, labels: Tensor) -> Tensor:
+    """Mean negative log-likelihood of ``labels`` under the geometric ensemble of ``log_probs`` (N, k + 1, K)."""
+    log_q = (log_probs * weights[None, :, None]).sum(1) + bias
+    return F.cross_entropy(log_q, labels)
+
+
+def fit_ensemble_gates(exit_logits: list[Tensor], labels: Tensor, *, steps: int = 100,
+                       lr: float = 0.1) -> list[EnsembleGate]:
+    """One ``ensemble`` gate per early exit k: the weights of exits 0..k and a per-class bias minimising the
+    ensemble's NLL of ``labels``, by full-batch Adam steps (deterministic) from the plain exit (weights one-hot on k,
+    bias 0). Weights are kept non-negative (projected after each step), as in Zero Time Waste, so an earlier exit can
+    only add its vote, never count against it; a fit that ends worse than its start keeps the start. Thresholds are
+    placeholders until calibrated."""
+    gates = []
+    for k in range(len(exit_logits) - 1):
+        log_probs = torch.log_softmax(history_at(exit_logits, k).float(), dim=2)
+        weights = torch.zeros(k + 1)
+        weights[k] = 1.0
+        bias = torch.zeros(log_probs.shape[2])
+        start = float(ensemble_nll(weights, bias, log_probs, labels))
+        w, b = weights.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        opt = torch.optim.Adam([w, b], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            ensemble_nll(w, b, log_probs, labels).backward()
+            opt.step()
+            with torch.no_grad():
+                w.clamp_(min=0.0)
+        with torch.no_grad():
+            end = float(ensemble_nll(w, b, log_probs, labels))
+        if end < start and torch.isfinite(w).all() and torch.isfinite(b).all():
+            weights, bias = w.detach(), b.detach()
+        gates.append(EnsembleGate(tuple(weights.tolist()), tuple(bias.tolist()), 0.5))
     return gates
 
 
@@ -111,9 +156,9 @@ def gate_split(n: int, seed: int) -> tuple[Tensor, Tensor]:
 def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float], full_flops: float, *, alpha: float,
                    epochs: int, max_batches: int | None, seed: int, target_accuracy: float | None = None,
                    target_drop: float | None = None, budget: float | None = None, method: str = "naive",
-                   delta: float = 0.1, bound: str = "wsr",
-                   learned: dict[str, list[LearnedGate]] | None = None) -> dict:
-    """Fit the learned policies (unless given) and calibrate every policy on validation logits.
+                   delta: float = 0.1, bound: str = "wsr", learned: dict[str, list] | None = None,
+                   use_agreement: bool = True) -> dict:
+    """Fit the learned policies (those not given in ``learned``) and calibrate every policy on validation logits.
 
     ``method`` ``naive`` searches the calibration half for the best thresholds; ``ltt`` orders candidate thresholds
     on the fitting half and certifies them on the calibration half, so the target holds on new data with
@@ -123,12 +168,18 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
     """
     fit, cal = gate_split(len(labels), seed)
     fit_logits, cal_logits = [lg[fit] for lg in exit_logits], [lg[cal] for lg in exit_logits]
-    if learned is None:
-        learned = {
-            "mlp": fit_mlp_gates(fit_logits, labels[fit], epochs=epochs, max_batches=max_batches, seed=seed),
-            "cost": fit_cost_gates(fit_logits, labels[fit], costs, alpha, epochs=epochs, max_batches=max_batches,
-                                   seed=seed, full_flops=full_flops),
-        }
+    fitters = {
+        "mlp": lambda: fit_mlp_gates(fit_logits, labels[fit], epochs=epochs, max_batches=max_batches, seed=seed,
+                                     use_agreement=use_agreement),
+        "cost": lambda: fit_cost_gates(fit_logits, labels[fit], costs, alpha, epochs=epochs, max_batches=max_batches,
+                                       seed=seed, full_flops=full_flops),
+        "ensemble": lambda: fit_ensemble_gates(fit_logits, labels[fit]),
+    }
+    assert set(fitters) == set(FITTED)
+    learned = dict(learned or {})
+    for name in FITTED:
+        if name not in learned:
+            learned[name] = fitters[name]()
     objective = Objective.from_targets(target_accuracy, target_drop, budget, method)
     policies, calibration = {}, {}
     for name in POLICIES:

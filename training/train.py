@@ -146,7 +146,8 @@ def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
     built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
-                           method=cfg.calibration, delta=cfg.delta, bound=cfg.bound, learned=learned)
+                           method=cfg.calibration, delta=cfg.delta, bound=cfg.bound, learned=learned,
+                           use_agreement=cfg.gate_agreement)
     active = "mlp" if cfg.policy == "both" else cfg.policy
     shown = ("confidence", "mlp") if cfg.policy == "both" else tuple(built["calibration"])
     print(f"[policies] calibrated on {built['calibration'][active]['val_samples']} held-out validation samples "

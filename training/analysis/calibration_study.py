@@ -12,8 +12,8 @@ evaluation part, every policy stored in the bundle is calibrated on the calibrat
 
 Both are measured on the evaluation part: the accuracy drop against the final exit and the FLOPs fraction. The
 study reports how often the promise (drop <= target) held, the realised drops and FLOPs, and what the guarantee
-costs in FLOPs. Writes ``OUT/calibration_study.json`` and ``OUT/calibration_study.png``. The learned gates (``mlp``,
-``cost``) are the bundle's fitted ones; only their thresholds are calibrated here.
+costs in FLOPs. Writes ``OUT/calibration_study.json`` and ``OUT/calibration_study.png``. The fitted gates (``mlp``,
+``cost``, ``ensemble``) are the bundle's fitted ones; only their thresholds are calibrated here.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 [--calibrate-on val]``
 
 Runs the bundle's segments once over the data (no sample leaves early), keeps every exit's logits, and then sweeps
-each thresholded policy (one threshold shared by the early exits) over its range, plus the bundle's own calibrated
-gates. With ``--calibrate-on val`` every policy is also swept the way the seed projects do it: per-exit thresholds
+each thresholded policy (one threshold shared by the early exits; the stored ``mlp`` and ``ensemble`` gates included)
+over its range, plus the bundle's own calibrated gates. With ``--calibrate-on val`` every policy is also swept the way the seed projects do it: per-exit thresholds
 calibrated on the validation split to desired accuracies from 0.5 to 1 (``per_exit`` in the JSON; dashed in the
 plot for ``confidence`` and ``mlp``). Each segment's compute time is measured during the pass, so every point also
 has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
@@ -18,6 +18,10 @@ The ``cost`` policy's trade-off is its ``alpha``, fixed when its gates are fitte
 apply to it: the bundle's fitted cost gates are one point, and with ``--calibrate-on`` the cost gates are refitted
 on the validation logits for a grid of ``alpha`` values (``--cost-alphas``) and each refit is measured here, which
 draws the policy as a curve (``cost.curve`` in the JSON).
+
+``at_drop`` in the JSON reads the frontier at 1, 2 and 5 points of accuracy drop: per policy, the least mean FLOPs
+fraction among its measured points (any of its curves) within that drop of the final exit, and which point it is.
+It picks points on the data being measured, so it is the frontier's reach, not a calibrated promise.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from common.cli import add_data_args, positive_int, run
 from common.errors import ConfigError
 from common.model.gates import ConstantGate, Gate, gate_to_dict
 from common.emulation.chain import all_exit_logits, bundle_costs, exit_names, exit_seconds
-from training.calibrate import ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds, to_gates
+from training.calibrate import (ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds,
+                                history_at, to_gates)
 from training.policies import fit_cost_gates
 from common.data.datasets import load, parse_spec
 
@@ -84,7 +89,7 @@ def oracles(cached: Cached) -> dict:
 
 def sweep(cached: Cached, family: list[Thresholdable], points: int = 41) -> list[dict]:
     """One point per threshold (shared by the early exits), at quantiles of their pooled scores, plus exit-none."""
-    scores = np.concatenate([fam.score(lg) for fam, lg in zip(family, cached.logits[:-1])])
+    scores = np.concatenate([fam.score(history_at(cached.logits, k)) for k, fam in enumerate(family)])
     quantiles = np.unique(np.quantile(scores, np.linspace(0, 1, points)))
     out = []
     for q in quantiles:
@@ -107,6 +112,24 @@ def per_exit_sweep(cached: Cached, family: list[Thresholdable], calib: ExitScore
 
 
 COST_ALPHAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
+DROPS = (1.0, 2.0, 5.0)
+CURVES = ("points", "per_exit", "curve")  # the measured point lists a policy may have in the JSON
+
+
+def at_drop(policies: dict, final_accuracy: float, drops: tuple[float, ...] = DROPS) -> dict:
+    """Per policy and drop D (points): the least FLOPs fraction among its measured points whose accuracy is within D
+    points of ``final_accuracy``, with the curve and parameter of that point; None where no point is."""
+    out = {}
+    for name, policy in policies.items():
+        pts = [(curve, p) for curve in CURVES for p in policy.get(curve, [])]
+        out[name] = {}
+        for d in drops:
+            ok = [(c, p) for c, p in pts if p["accuracy"] >= final_accuracy - d / 100 - 1e-12]
+            best = min(ok, key=lambda cp: (cp[1]["flops_fraction"], -cp[1]["accuracy"]), default=None)
+            out[name][f"{d:g}"] = None if best is None else {
+                "flops_fraction": best[1]["flops_fraction"], "accuracy": best[1]["accuracy"], "curve": best[0],
+                "parameter": best[1]["parameter"]}
+    return out
 
 
 def cost_curve(cached: Cached, calib_logits: list[torch.Tensor], calib_labels: torch.Tensor,
@@ -154,13 +177,15 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     if calib_logits is not None and cost_alphas:
         policies.setdefault("cost", {"alpha": None, "points": []})
         policies["cost"]["curve"] = cost_curve(cached, calib_logits, calib[1], cost_alphas)
+    final_accuracy = float((logits[-1].argmax(1) == labels).double().mean())
     return {
         "samples": len(labels),
         "model_id": bundles[0].model_id,
-        "final_accuracy": float((logits[-1].argmax(1) == labels).double().mean()),
+        "final_accuracy": final_accuracy,
         "exit_accuracy": dict(zip(tiers, [float((lg.argmax(1) == labels).double().mean()) for lg in logits])),
         "exit_flops_fraction": dict(zip(tiers, [c / full for c in costs])),
         "policies": policies,
+        "at_drop": at_drop(policies, final_accuracy),
         "calibrated": {"policy": bundles[0].manifest.policy or None,
                        "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
                        "calibration": bundles[0].calibration(), **cached.point(calibrated)},
@@ -177,7 +202,8 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [4, 4, 2.4]})
+    axes[1].sharey(axes[0])
     cal = result["calibrated"]
     for ax, key, xlabel in ((axes[0], "flops_fraction", "mean FLOPs per sample / whole network"),
                             (axes[1], "compute_ms_per_sample", "mean compute time per sample (ms, this CPU)")):
@@ -194,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
                 ax.plot([p[key] for p in cv], [p["accuracy"] for p in cv], linestyle="-.", marker="s", markersize=4,
                         color=line.get_color() if line else None, label="cost, gates refitted per alpha on the "
                         "calibration split")
-            if policy.get("per_exit") and kind in ("confidence", "mlp"):
+            if policy.get("per_exit") and kind in ("confidence", "mlp", "ensemble"):
                 pe = policy["per_exit"]
                 ax.plot([p[key] for p in pe], [p["accuracy"] for p in pe], linestyle="--", marker="x",
                         color=line.get_color(), label=f"{kind}, per-exit thresholds for a desired accuracy")
@@ -210,6 +236,18 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
     axes[1].set_title("accuracy against latency (segments' compute, no links)")
     axes[0].legend(loc="lower right", fontsize=8)
+    for d in DROPS:
+        axes[0].axhline(result["final_accuracy"] - d / 100, color="grey", linestyle=":", linewidth=0.8)
+    reach = result["at_drop"]
+    drops = list(next(iter(reach.values()), {}))
+    rows = [[name] + ["-" if r[d] is None else f"{r[d]['flops_fraction']:.1%}" for d in drops]
+            for name, r in reach.items()]
+    axes[2].axis("off")
+    if rows:
+        table = axes[2].table(cellText=rows, colLabels=["policy"] + [f"<= {d} pt" for d in drops], loc="center")
+        table.scale(1, 1.4)
+    axes[2].set_title("least FLOPs within a drop of the final exit\n(dotted lines; points picked on this data)",
+                      fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -259,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     cal = result["calibrated"]
     print(f"final exit accuracy {result['final_accuracy']:.4f}; calibrated gates: accuracy {cal['accuracy']:.4f} "
           f"at {cal['flops_fraction']:.1%} of the network's FLOPs, exits {cal['exits']}")
+    for name, reach in result["at_drop"].items():
+        print(f"{name:>10}: least FLOPs within " + ", ".join(
+            f"{d} pt {'-' if r is None else format(r['flops_fraction'], '.1%')}" for d, r in reach.items()))
     print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
     return 0
 
