@@ -148,7 +148,8 @@ def add_run_args(parser: argparse.ArgumentParser, gate_help: str) -> None:
     add_data_args(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per request (default 64)")
     parser.add_argument("--report", type=Path, default=None, help="write the report JSON here")
-    parser.add_argument("--policy", default=None, help="exit policy stored in the bundle to use (e.g. mlp, cost)")
+    parser.add_argument("--policy", default=None,
+                        help="exit policy stored in the bundle to use (e.g. mlp, cost, ensemble)")
     parser.add_argument("--gate", action="append", help=gate_help)
     add_plugin_arg(parser)
 

@@ -51,8 +51,10 @@ def get_args_parser(tier: str) -> argparse.ArgumentParser:
     g.add_argument("--next", type=target, default=None,
                    help="the next tier (not for the last tier): HOST:PORT, or its replicas as a comma-separated list "
                         "of IP:PORT, an ipv4:/ipv6: list or dns:///NAME:PORT (calls are spread round robin)")
-    g.add_argument("--policy", default=None, help="use another exit policy stored in the bundle (e.g. mlp, cost)")
-    g.add_argument("--gate", default=None, help="override the gate: confidence:T, entropy:T, margin:T, always or never")
+    g.add_argument("--policy", default=None,
+                   help="use another exit policy stored in the bundle (e.g. mlp, cost, ensemble)")
+    g.add_argument("--gate", default=None, help="override the gate of every early exit of this tier: confidence:T, "
+                                                "entropy:T, margin:T, always or never")
     add_plugin_arg(g)
 
     g = parser.add_argument_group("batching and resources")
