@@ -132,33 +132,34 @@ def test_next_tier_losing_samples_is_an_error():
         rt.process(batch([[1, 1], [2, 2]]))
 
 
-class TwoExitSegment(nn.Module):
-    """A real two-exit ``Segment``: features + 1 then + 2; each head puts all mass on class 1 when the row's first
-    feature is large (exit 0: > 3, exit 1: > 4), else on class 0 weakly."""
+class Add(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
 
-    def __new__(cls):
-        from common.model.split import Segment
+    def forward(self, x):
+        return x + self.k
 
-        class Add(nn.Module):
-            def __init__(self, k):
-                super().__init__()
-                self.k = k
 
-            def forward(self, x):
-                return x + self.k
+class SureAbove(nn.Module):
+    """Logits with all mass on class 1 when the row's first feature exceeds ``cut``, else a weak class 0."""
 
-        class Head(nn.Module):
-            def __init__(self, cut):
-                super().__init__()
-                self.cut = cut
+    def __init__(self, cut):
+        super().__init__()
+        self.cut = cut
 
-            def forward(self, f):
-                logits = torch.zeros(len(f), 3)
-                logits[:, 1] = (f[:, 0] > self.cut).float() * 20
-                logits[:, 0] = 0.5
-                return logits
+    def forward(self, f):
+        logits = torch.zeros(len(f), 3)
+        logits[:, 1] = (f[:, 0] > self.cut).float() * 20
+        logits[:, 0] = 0.5
+        return logits
 
-        return Segment([[Add(1)], [Add(2)]], [Head(3), Head(4)])
+
+def two_exit_segment():
+    """A real two-exit ``Segment``: features + 1 then + 2; exit 0 is sure above 3, exit 1 above 4."""
+    from common.model.split import Segment
+
+    return Segment([[Add(1)], [Add(2)]], [SureAbove(3), SureAbove(4)])
 
 
 def two_exit_spec(**kw):
@@ -167,7 +168,7 @@ def two_exit_spec(**kw):
 
 def test_a_tier_with_two_exits_runs_the_second_only_on_what_the_first_declined():
     nxt = FakeNext()
-    rt = TierRuntime(two_exit_spec(history=True), TwoExitSegment(), ConfidenceGate(0.9), nxt)
+    rt = TierRuntime(two_exit_spec(history=True), two_exit_segment(), ConfidenceGate(0.9), nxt)
     # rows: 5 -> f0 6 (exit 0), 0 -> f0 1, f1 3 (declined twice), 4 -> f0 5 (exit 0), 1.5 -> f0 2.5, f1 4.5 (exit 1)
     answer = rt.process(batch([[5, 0], [0, 0], [4, 0], [1.5, 0]]))
     assert [(p.exit_tier, p.exit_index) for p in answer.predictions] == [
@@ -182,7 +183,7 @@ def test_a_tier_with_two_exits_runs_the_second_only_on_what_the_first_declined()
 
 def test_without_history_nothing_extra_is_sent():
     nxt = FakeNext()
-    TierRuntime(two_exit_spec(), TwoExitSegment(), ConfidenceGate(0.9), nxt).process(batch([[0, 0]]))
+    TierRuntime(two_exit_spec(), two_exit_segment(), ConfidenceGate(0.9), nxt).process(batch([[0, 0]]))
     assert nxt.calls[0].history is None
 
 
