@@ -57,8 +57,8 @@ def test_bundles_record_how_their_thresholds_were_calibrated(tiny_run, tmp_path)
 
 def test_calibrate_fits_the_policies_an_older_checkpoint_lacks_and_refits_on_request(tiny_run, tmp_path):
     """A checkpoint from before the ensemble policy and the agreement feature (no ``ensemble``, five-feature mlp
-    gates): calibrating fits the ensemble and keeps the stored mlp gates; ``--refit`` fits the mlp gates again, now
-    over the agreement feature. Both export to bundles whose tiers load every stored policy."""
+    gates): calibrating fits the ensemble and keeps the stored mlp gates; ``--refit --gate-agreement`` fits the mlp
+    gates again, over the agreement feature. Both export to bundles whose tiers load every stored policy."""
     from common.model.gates import EnsembleGate, needs_history
     from training.engine import collect_logits
     from training.policies import fit_mlp_gates, gate_split
@@ -83,7 +83,8 @@ def test_calibrate_fits_the_policies_an_older_checkpoint_lacks_and_refits_on_req
                                                                         for g in old["policies"]["mlp"]]
     assert all("exit" not in g for g in kept["policies"]["mlp"])
 
-    assert calibrate.main(["--checkpoint", str(path), "--target-drop", "5", "--refit", "--policy", "ensemble"]) == 0
+    assert calibrate.main(["--checkpoint", str(path), "--target-drop", "5", "--refit", "--gate-agreement",
+                           "--policy", "ensemble"]) == 0
     _, refit = checkpoint.load(path)
     assert [g["exit"] for g in refit["policies"]["mlp"]] == [0, 1]
     assert refit["policy"] == "ensemble" and refit["config"]["gate_agreement"] is True

@@ -91,7 +91,7 @@ def test_gates_that_need_history_refuse_a_missing_or_misshapen_one():
         gate(exits[1], None, history_at(exits, 1)[:10])  # other samples
     with pytest.raises(ConfigError, match="bias for 4 classes"):
         EnsembleGate((0.5, 0.5), (0.0,) * 4, 0.5)(exits[1], None, history_at(exits, 1))
-    mlp = fit_mlp_gates(exits, torch.zeros(64, dtype=torch.long), epochs=1)[1]
+    mlp = fit_mlp_gates(exits, torch.zeros(64, dtype=torch.long), epochs=1, use_agreement=True)[1]
     with pytest.raises(ConfigError, match="history"):
         mlp(exits[1])
     with pytest.raises(ConfigError, match="shape"):
@@ -107,7 +107,8 @@ def test_agreement_feature():
 
 def test_agreement_mlp_needs_history_and_round_trips():
     exits, labels = _exits(n=300), torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(1))
-    gates = fit_mlp_gates(exits, labels, epochs=2)
+    assert not any(needs_history(g) for g in fit_mlp_gates(exits, labels, epochs=1))  # the default: five inputs
+    gates = fit_mlp_gates(exits, labels, epochs=2, use_agreement=True)
     assert [g.exit for g in gates] == [0, 1] and all(needs_history(g) for g in gates)
     assert len(gates[1].mlp.mean) == len(GATE_FEATURES) + 1 and AGREEMENT == "agreement"
     d = json.loads(json.dumps(gate_to_dict(gates[1])))

@@ -397,7 +397,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"fit the learned policies ({', '.join(FITTED)}) again on the validation split instead of "
                         "keeping the checkpoint's (those it lacks are always fitted)")
     p.add_argument("--gate-agreement", action=argparse.BooleanOptionalAction, default=None,
-                   help="mlp gates fitted here use the agreement feature (default: the checkpoint's setting, else yes)")
+                   help="mlp gates fitted here use the agreement feature (default: the checkpoint's setting, else no)")
     return p
 
 

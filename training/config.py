@@ -74,8 +74,9 @@ class TrainConfig:
     policy: str = field(default="confidence", metadata={
         "help": "active policy in the bundle: confidence, entropy, margin, mlp, cost or ensemble (all are fitted and "
                 "stored); both: the static confidence threshold and the learned mlp gate side by side, mlp active"})
-    gate_agreement: bool = field(default=True, metadata={
-        "help": "mlp policy: its gates also see whether the exit agrees with the previous one (needs their logits)"})
+    gate_agreement: bool = field(default=False, metadata={
+        "help": "mlp policy: its gates also see whether the exit agrees with the previous one (the tiers then carry "
+                "the earlier exits' logits)"})
     alpha: float = field(default=0.5, metadata={"help": "cost policy: weight of FLOPs against loss, in [0, 1]"})
     epochs_gates: int = field(default=40, metadata={"help": "epochs of learned-gate fitting on cached exit outputs"})
     gate_max_batches: int | None = _h("stop each gate-fitting epoch after this many batches")

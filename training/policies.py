@@ -1,7 +1,8 @@
 """Fitting the learned exit policies on cached exit outputs (the third training stage).
 
 * ``mlp``  - one gate per early exit, trained with binary cross-entropy to predict whether that exit's answer is right;
-  by default its inputs include whether the exit agrees with the previous one (``agreement``, PABEE-style).
+  its inputs may include whether the exit agrees with the previous one (``agreement``, PABEE-style; off by
+  default: it did not help where measured, see docs/policies.md).
 * ``cost`` - the gates of all early exits trained together to minimise ``(1 - alpha) * E[loss] + alpha * E[cost]``,
   where a sample's exit distribution follows the cascade (exit k is reached only if every earlier gate declined),
   the loss is the cross-entropy of the exit taken and the cost is the FLOPs spent up to it, as a share of the
@@ -46,7 +47,7 @@ def _minibatches(n: int, batch_size: int, gen: torch.Generator, max_batches: int
 
 def fit_mlp_gates(exit_logits: list[Tensor], labels: Tensor, *, epochs: int = 40, max_batches: int | None = None,
                   batch_size: int = 256, lr: float = 1e-2, hidden: int = 16, seed: int = 0,
-                  use_agreement: bool = True) -> list[LearnedGate]:
+                  use_agreement: bool = False) -> list[LearnedGate]:
     """One ``mlp`` gate per early exit; its probability estimates P(this exit's prediction is correct). With
     ``use_agreement`` its inputs include whether the exit agrees with the previous one, and it needs history."""
     gen = torch.Generator().manual_seed(seed)
@@ -157,7 +158,7 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
                    epochs: int, max_batches: int | None, seed: int, target_accuracy: float | None = None,
                    target_drop: float | None = None, budget: float | None = None, method: str = "naive",
                    delta: float = 0.1, bound: str = "wsr", learned: dict[str, list] | None = None,
-                   use_agreement: bool = True) -> dict:
+                   use_agreement: bool = False) -> dict:
     """Fit the learned policies (those not given in ``learned``) and calibrate every policy on validation logits.
 
     ``method`` ``naive`` searches the calibration half for the best thresholds; ``ltt`` orders candidate thresholds

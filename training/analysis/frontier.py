@@ -202,7 +202,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [4, 4, 2.4]})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [4, 4, 2.6]})
     axes[1].sharey(axes[0])
     cal = result["calibrated"]
     for ax, key, xlabel in ((axes[0], "flops_fraction", "mean FLOPs per sample / whole network"),
@@ -235,7 +235,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
     axes[1].set_title("accuracy against latency (segments' compute, no links)")
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[2].legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize=7)  # beside, not over, the curves
     for d in DROPS:
         axes[0].axhline(result["final_accuracy"] - d / 100, color="grey", linestyle=":", linewidth=0.8)
     reach = result["at_drop"]
@@ -244,10 +244,12 @@ def plot(result: dict, path: Path) -> None:
             for name, r in reach.items()]
     axes[2].axis("off")
     if rows:
-        table = axes[2].table(cellText=rows, colLabels=["policy"] + [f"<= {d} pt" for d in drops], loc="center")
-        table.scale(1, 1.4)
+        table = axes[2].table(cellText=rows, colLabels=["policy"] + [f"<= {d} pt" for d in drops], loc="top",
+                              bbox=[0, 0.62, 1, 0.36])
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
     axes[2].set_title("least FLOPs within a drop of the final exit\n(dotted lines; points picked on this data)",
-                      fontsize=9)
+                      fontsize=9, pad=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
