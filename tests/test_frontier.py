@@ -49,6 +49,11 @@ def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
     assert 0 < ms[0] < ms[1] < ms[2]
     assert result["calibrated"]["calibration"]["method"] == "ltt"
     assert report["calibration"]["policy"] == "confidence" and report["calibration"]["method"] == "ltt"
+    # Every stored policy at its calibrated thresholds, as the chain serves it with --policy.
+    assert set(result["stored"]) == set(result["policies"])
+    ensemble, _ = evaluate_in_process(tiny_bundle, test_slice.images, test_slice.labels, 64, policy="ensemble")
+    assert result["stored"]["ensemble"]["exits"] == ensemble["exits"]
+    assert result["stored"]["ensemble"]["accuracy"] == pytest.approx(ensemble["accuracy"])
 
 
 def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):

@@ -189,6 +189,10 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
         "calibrated": {"policy": bundles[0].manifest.policy or None,
                        "gates": dict(zip(tiers, [gate_to_dict(g) for g in calibrated])),
                        "calibration": bundles[0].calibration(), **cached.point(calibrated)},
+        # Every policy the bundle stores, at its calibrated thresholds: what serving it with --policy gives here.
+        "stored": {name: {"calibration": bundles[0].calibration(name),
+                          **cached.point([g for b in bundles for g in b.policy_gates(name)])}
+                   for name in bundles[0].manifest.policies},
         "oracles": oracles(cached),
         "compute_ms_to_exit": dict(zip(tiers, cached.ms_to_exit)),
         "calibration_samples": None if calib is None else len(calib[1]),
@@ -299,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     cal = result["calibrated"]
     print(f"final exit accuracy {result['final_accuracy']:.4f}; calibrated gates: accuracy {cal['accuracy']:.4f} "
           f"at {cal['flops_fraction']:.1%} of the network's FLOPs, exits {cal['exits']}")
+    for name, point in result["stored"].items():
+        print(f"{name:>10}: at its calibrated thresholds accuracy {point['accuracy']:.4f} "
+              f"({(result['final_accuracy'] - point['accuracy']) * 100:+.2f} pt below the final exit), "
+              f"{point['flops_fraction']:.1%} of the FLOPs")
     for name, reach in result["at_drop"].items():
         print(f"{name:>10}: least FLOPs within " + ", ".join(
             f"{d} pt {'-' if r is None else format(r['flops_fraction'], '.1%')}" for d, r in reach.items()))
