@@ -180,13 +180,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["variants"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     for i, name in enumerate(names):
         ys = result["variants"][name]["per_round"]
         ax.scatter([i] * len(ys), ys, s=12, color="0.6")
         ax.bar(i, result["variants"][name]["seconds_per_step"], alpha=0.6)
-    ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_ylabel("seconds per training step (median; dots: rounds)")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("s per step (bar: median; dots: rounds)")
     ax.set_title(f"{result['architecture']} width {result['width']:g}, batch {result['batch_size']}, "
                  f"{result['threads']} threads")
     fig.tight_layout()
