@@ -101,7 +101,7 @@ def test_replicas_share_load_and_survive_a_killed_replica(tiny_bundle, test_slic
                           replicas={"edge": 2, "cloud": 2}, startup_timeout_s=TIMEOUT)
     with dep:
         assert [len(a) for a in dep.replica_addresses.values()] == [1, 2, 2]
-        client = NextTierClient(dep.device_address, timeout_s=20)
+        client = NextTierClient(dep.device_address, timeout_s=60)
         model_id = client.describe().model_id
         ids, lock, stop = itertools.count(), threading.Lock(), threading.Event()
         records: list[tuple[float, list[int], object]] = []  # (sent at, sample ids, answer)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import threading
 
+import grpc
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from common.serving.client import NextTierClient
 from common.serving.runtime import Forwarded, TierRuntime
 from common.wire.batch import Answer, Batch, Hop, Prediction, merge_answers
 from common.wire.link import LinkModel, StreamLinkClock
+from proto import splitexit_pb2 as pb
 from tests.test_runtime import FakeNext, ToySegment, batch, spec
 
 TIMEOUT = 10.0
@@ -243,3 +246,60 @@ def test_the_deadline_covers_the_whole_stream(serve_runtime):
     assert [[(p.exit_tier, p.degraded) for p in part.predictions] for part in parts] == [
         [("device", False)], [("device", True)]]
     assert "DEADLINE_EXCEEDED" in parts[-1].trace[-1].downstream_error
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class _ScriptedStream:
+    """Stands for the channel's InferStream: each call fails with the next scripted error, then answers."""
+
+    def __init__(self, errors):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self, request, timeout=None, metadata=None):
+        self.calls += 1
+        error = self.errors.pop(0) if self.errors else None
+        reply = pb.InferReply(request_id="r1", predictions=[pb.Prediction(sample_id=10, label=1, exit_tier="edge")])
+
+        class Call:
+            def __iter__(self):
+                if error is not None:
+                    raise error
+                yield reply
+
+            def cancel(self):
+                pass
+
+        return Call()
+
+
+REFUSED = _RpcError(grpc.StatusCode.UNAVAILABLE, "Stream removed (RST_STREAM (Received RST_STREAM with error code 7))")
+
+
+@pytest.mark.parametrize("errors, calls, fails", [
+    ([REFUSED, REFUSED], 3, False),  # refused unread: sent again
+    ([REFUSED] * 4, 4, True),  # but not for ever
+    ([_RpcError(grpc.StatusCode.UNAVAILABLE, "Connection reset")], 1, True),  # may have been read: not again
+])
+def test_a_stream_the_next_tier_refused_unread_is_sent_again(errors, calls, fails):
+    client = NextTierClient("127.0.0.1:1", timeout_s=5)
+    try:
+        client._infer_stream = scripted = _ScriptedStream(errors)
+        b = Batch("r1", "m1", [10], torch.zeros(1, 2))
+        if fails:
+            with pytest.raises(DownstreamError, match="UNAVAILABLE"):
+                list(client.stream(b))
+        else:
+            assert [p.sample_id for part in client.stream(b) for p in part.answer.predictions] == [10]
+        assert scripted.calls == calls
+    finally:
+        client.close()

@@ -37,6 +37,10 @@ RETRY_POLICY = {
 # the call waits for its first reply hangs until its deadline and beyond (grpcio 1.85), where without one it fails
 # at once with UNAVAILABLE, which the runtime answers degraded. A method's own entry overrides the service's.
 STREAM_METHOD_CONFIG = [{"name": [{"service": SERVICE_NAME, "method": "InferStream"}]}]
+# ... except a stream the next tier refused before reading it (HTTP/2 REFUSED_STREAM: its per-connection stream
+# limit was full for a moment, e.g. while it still counted a just-finished stream), which did no work and is sent
+# again, at most this many times, within the call's deadline.
+REFUSED_STREAM_RETRIES = 3
 # Reconnect to a restarted next tier within about a second, not after gRPC's default backoff of up to 2 minutes.
 MAX_RECONNECT_BACKOFF_MS = 1_000
 # What a hop keeps of its caller's remaining time for itself when it forwards: enough to answer (degraded if need
@@ -167,21 +171,26 @@ class NextTierClient:
         size = len(request)
         clock = StreamLinkClock(self.link)
         up_ms = clock.send(size)
-        timeout = self._timeout(batch)  # what is left after the uplink
-        try:
-            call = self._infer_stream(request, timeout=timeout, metadata=self.metadata)
-        except ValueError as e:
-            raise self._failure(e) from None
-        try:
-            replies = _timed_replies(call) if self.link is not None else ((r, 0.0) for r in call)
-            for k, (reply, received_at) in enumerate(replies):
-                link_ms = clock.receive(reply.ByteSize(), received_at) + (up_ms if k == 0 else 0.0)
-                yield Forwarded(messages.answer_from_reply(reply), size if k == 0 else 0,
-                                encode_ms if k == 0 else 0.0, link_ms)
-        except grpc.RpcError as e:
-            raise self._failure(e) from None
-        finally:
-            call.cancel()  # no-op once the stream has ended
+        for attempt in range(REFUSED_STREAM_RETRIES + 1):
+            timeout = self._timeout(batch)  # what is left after the uplink (and any refused attempt)
+            try:
+                call = self._infer_stream(request, timeout=timeout, metadata=self.metadata)
+            except ValueError as e:
+                raise self._failure(e) from None
+            answered = False
+            try:
+                replies = _timed_replies(call) if self.link is not None else ((r, 0.0) for r in call)
+                for k, (reply, received_at) in enumerate(replies):
+                    answered = True
+                    link_ms = clock.receive(reply.ByteSize(), received_at) + (up_ms if k == 0 else 0.0)
+                    yield Forwarded(messages.answer_from_reply(reply), size if k == 0 else 0,
+                                    encode_ms if k == 0 else 0.0, link_ms)
+                return
+            except grpc.RpcError as e:
+                if answered or attempt == REFUSED_STREAM_RETRIES or not _refused(e):
+                    raise self._failure(e) from None
+            finally:
+                call.cancel()  # no-op once the stream has ended
 
     def describe(self) -> pb.TierDescription:
         """The next tier's ``Describe`` answer; waits (up to the timeout) for it to come up."""
@@ -193,6 +202,12 @@ class NextTierClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _refused(e: grpc.RpcError) -> bool:
+    """Whether the call failed because the server refused its stream unread (RST_STREAM with REFUSED_STREAM, code
+    7): safe to send again."""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and "error code 7" in (e.details() or "")
 
 
 def _timed_replies(call) -> Iterator[tuple[pb.InferReply, float]]:
