@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads (its OpenMP runtime reads this once): idle OpenMP threads sleep instead of spin-waiting. On a
-# shared 2-core host a spinning team waits on a peer thread that is descheduled; measured with
+from common.serving.host import ENVIRONMENT  # no torch: the setting below still comes first
+
+# Before torch loads (its OpenMP runtime reads this once): idle OpenMP threads sleep instead of spin-waiting, the
+# tiers' setting. On a shared 2-core host a spinning team waits on a peer thread that is descheduled; measured with
 # scripts.bench_training (docs/benchmarks.md#training-speed-on-2-cpu-cores). An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", ENVIRONMENT["OMP_WAIT_POLICY"])
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -97,11 +97,6 @@ class Manifest:
         return is_last_tier(self.tier_index, self.tiers)
 
     @property
-    def flops_per_sample(self) -> float:
-        """FLOPs this tier spends on one sample: its stages and its exit head."""
-        return self.segment_flops + self.head_flops
-
-    @property
     def architecture(self) -> str:
         return self.model["architecture"]
 

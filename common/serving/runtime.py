@@ -69,11 +69,6 @@ class TierSpec:
         return self.exits[-1]
 
     @property
-    def flops_per_sample(self) -> float:
-        """FLOPs of a sample that runs the whole segment and is forwarded."""
-        return sum(self.exit_flops) + self.send_flops
-
-    @property
     def history_in(self) -> int:
         """How many earlier exits' logits a request to this tier carries (0: none)."""
         return self.exits[0] if self.history else 0

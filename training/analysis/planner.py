@@ -124,8 +124,8 @@ def cached_logits(bundles: list[TierBundle], images: torch.Tensor, codecs: tuple
         for a in codecs:
             previous = roundtrip(torch.stack(first, 1), WireCodec(a))[:, -1] if carried else None
             sent2, second = edge(roundtrip(sent, WireCodec(a)), previous)
+            history = torch.stack(first + second, 1) if carried else None
             for b in codecs:
-                history = torch.stack(first + second, 1)
                 previous = roundtrip(history, WireCodec(b))[:, -1] if carried else None
                 _, final = cloud(roundtrip(sent2, WireCodec(b)), previous)
                 chunks[a, b].append(first + second + final)
