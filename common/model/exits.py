@@ -203,16 +203,28 @@ class MultiExitNet(nn.Module):
         return x
 
     def forward(self, images: Tensor) -> list[Tensor]:
+        features, final = self.exit_features(images)
+        return self.early_logits(features) + [final]
+
+    def exit_features(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """What the early exit heads read (the features at every exit point, earliest first) and the final exit's
+        logits: the backbone's side of ``forward``."""
         x = self.normalize(images)
-        outputs: list[Tensor] = []
-        heads = dict(zip(self.spec.exit_points, self.exits))
+        features: list[Tensor] = []
+        points = set(self.spec.exit_points)
         for k, stage in enumerate(self.backbone.stages, start=1):
             x = stage(x)
-            if k in heads:
-                previous = outputs[-1].detach() if outputs else None
-                outputs.append(apply_head(heads[k], x, previous))
+            if k in points:
+                features.append(x)
             x = self._cross_link(k, x)
-        outputs.append(self.backbone.classifier(x))
+        return features, self.backbone.classifier(x)
+
+    def early_logits(self, features: list[Tensor]) -> list[Tensor]:
+        """The early exits' logits from their features (``exit_features``); a cascade head reads the previous
+        exit's logits detached."""
+        outputs: list[Tensor] = []
+        for head, x in zip(self.exits, features):
+            outputs.append(apply_head(head, x, outputs[-1].detach() if outputs else None))
         return outputs
 
     def final_logits(self, images: Tensor) -> Tensor:
