@@ -81,3 +81,33 @@ def test_command_refuses_bad_values_in_one_line(tiny_run, tmp_path):
         main(["--checkpoint", str(tiny_run), "--out", str(tmp_path / "x.safetensors"), "--exit-conv-channels", "-2"])
     with pytest.raises(ConfigError, match="cannot refit heads"):
         main(["--checkpoint", str(tiny_run), "--out", str(tmp_path / "x.safetensors"), "--lr", "-1"])
+
+
+def test_ablation_compares_variants_on_one_cache(tiny_run, tmp_path):
+    import json
+
+    from training.analysis.heads_ablation import main as ablation
+
+    assert ablation(["--checkpoint", str(tiny_run), "--out", str(tmp_path), "--epochs", "1",
+                     "--variants", "joint,refit,pool_linear,no_cascade"]) == 0
+    result = json.loads((tmp_path / "heads_ablation.json").read_text())
+    assert (tmp_path / "heads_ablation.png").stat().st_size > 0
+    variants = result["variants"]
+    assert list(variants) == ["joint", "refit", "pool_linear", "no_cascade"]
+    assert variants["joint"]["fit_seconds"] is None and variants["refit"]["fit_seconds"] > 0
+    # Same backbone and final exit everywhere; a head without its conv is cheaper to leave at.
+    assert len({v["exit_accuracy"][-1] for v in variants.values()}) == 1
+    assert variants["pool_linear"]["exit_cost_fraction"][0] < variants["refit"]["exit_cost_fraction"][0]
+    for v in variants.values():
+        for policy in ("confidence", "margin"):
+            assert 0 < v["certified"][policy]["flops_fraction"] <= max(v["exit_cost_fraction"])
+
+
+def test_ablation_refuses_unknown_variants_in_one_line(tiny_run, tmp_path, capsys):
+    import pytest
+
+    from training.analysis.heads_ablation import main as ablation
+
+    with pytest.raises(SystemExit):
+        ablation(["--checkpoint", str(tiny_run), "--out", str(tmp_path), "--variants", "wider"])
+    assert "unknown variant(s) ['wider']" in capsys.readouterr().err

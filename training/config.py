@@ -89,6 +89,14 @@ class TrainConfig:
     delta: float = field(default=0.1, metadata={"help": "ltt: allowed probability that the promise fails"})
     bound: str = field(default="wsr", metadata={"help": "ltt: concentration bound, wsr, hb or binomial"})
 
+    def augments(self) -> bool:
+        """Whether training crops and flips its images: ``crop_flip``, or ``auto`` on any data but synthetic (its
+        cues are positional) and MNIST (a flipped digit is another digit)."""
+        from common.data.datasets import parse_spec
+
+        return self.augment == "crop_flip" or (self.augment == "auto"
+                                               and parse_spec(self.data).kind not in ("synthetic", "mnist"))
+
     def __post_init__(self) -> None:
         from common.model import backbone_info
         from common.plugins import use_plugins

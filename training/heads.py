@@ -26,7 +26,7 @@ from torch import Tensor
 from common.cli import positive_int, run
 from common.errors import ConfigError
 from common.model import ExitHeadSpec, MultiExitNet
-from common.data.datasets import ImageSet, load, parse_spec
+from common.data.datasets import ImageSet, load
 from training import checkpoint
 from training.config import TrainConfig
 from training.engine import augment_crop_flip, evaluate, weighted_exit_loss
@@ -109,10 +109,12 @@ def fit_heads(model: MultiExitNet, cached: CachedFeatures, *, epochs: int, lr: f
     return history
 
 
-def with_new_heads(model: MultiExitNet, exit_head: ExitHeadSpec | None = None) -> MultiExitNet:
-    """A copy of ``model`` with freshly initialised exit heads (of ``exit_head``, else the same kind) and the same
-    backbone, final classifier and bottleneck weights."""
-    spec = model.spec if exit_head is None else replace(model.spec, exit_head=exit_head)
+def with_new_heads(model: MultiExitNet, exit_head: ExitHeadSpec | None = None,
+                   cascade: bool | None = None) -> MultiExitNet:
+    """A copy of ``model`` with freshly initialised exit heads (of ``exit_head`` and ``cascade``, else the same
+    kind) and the same backbone, final classifier and bottleneck weights."""
+    spec = replace(model.spec, exit_head=exit_head or model.spec.exit_head,
+                   cascade=model.spec.cascade if cascade is None else cascade)
     fresh = MultiExitNet(spec)
     kept = {k: v for k, v in model.state_dict().items() if not k.startswith("exits.")}
     missing, unexpected = fresh.load_state_dict(kept, strict=False)
@@ -129,8 +131,7 @@ def refit_heads(model: MultiExitNet, train_set: ImageSet, cfg: TrainConfig, *, e
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
     fresh = with_new_heads(model, exit_head)
-    augment = cfg.augment == "crop_flip" or (cfg.augment == "auto" and parse_spec(cfg.data).kind
-                                             not in ("synthetic", "mnist"))
+    augment = cfg.augments()
     size = feature_bytes(fresh, views * len(train_set))
     log(f"[heads] caching the exit points' features of {views} view(s) of {len(train_set)} training samples "
         f"({size / 2**30:.2f} GiB)")

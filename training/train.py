@@ -36,7 +36,7 @@ from common.model.convert import load_pretrained  # noqa: E402
 from common.model.split import cost_table  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from common.data.datasets import ImageSet, load, normalization, parse_spec  # noqa: E402
+from common.data.datasets import ImageSet, load, normalization  # noqa: E402
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss  # noqa: E402
 from training.policies import build_policies  # noqa: E402
 
@@ -70,8 +70,7 @@ def _fit(model: MultiExitNet, params: list[nn.Parameter], weights: list[float], 
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay,
                           foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch)
-    unaugmented = ("synthetic", "mnist")  # synthetic cues are positional; flipped digits are other digits
-    augment = cfg.augment == "crop_flip" or (cfg.augment == "auto" and parse_spec(cfg.data).kind not in unaugmented)
+    augment = cfg.augments()
     history = []
     for epoch in range(epochs):
         model.train()

@@ -1,0 +1,173 @@
+"""Which exit heads pay for themselves: head kinds, distillation temperatures and epochs, refitted on one frozen
+backbone from one feature cache, compared on the validation split.
+
+``python -m training.analysis.heads_ablation --checkpoint FILE --out DIR [--variants a,b,...] [--epochs 6]
+[--views 2]``
+
+The backbone's features at the exit points are cached once (``training.heads``); every variant then gets fresh
+heads fitted on that cache, so the variants differ only in what is named. ``joint`` is the checkpoint's own heads,
+trained with the backbone. Per variant: every exit's accuracy on the validation split, the cost of leaving at each
+exit (the heads on the way included) as a share of the whole network, the seconds of fitting, and, for the
+``confidence`` and ``margin`` policies, the FLOPs at thresholds certified on validation the way training certifies
+them (LTT, delta 0.1, within 1 point of the final exit; ordered on one half, certified and measured on the other).
+The test split is not touched. Writes ``DIR/heads_ablation.json`` and ``DIR/heads_ablation.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common.cli import positive_int, run
+from common.errors import ConfigError
+from common.model import ExitHeadSpec
+from common.model.split import cost_table
+from common.data.datasets import load
+from training import checkpoint
+from training.calibrate import ExitScores, Objective, calibrate_scores, policy_family
+from training.config import TrainConfig
+from training.engine import collect_logits
+from training.heads import cache_features, feature_bytes, fit_heads, with_new_heads
+from training.policies import gate_split
+
+# name -> what differs from refitting the checkpoint's own kind of head with its training config
+VARIANTS: dict[str, dict] = {
+    "joint": {},          # the checkpoint's heads as trained with the backbone (nothing refitted)
+    "refit": {},
+    "pool_linear": {"conv_channels": 0},
+    "conv32": {"conv_channels": 32},
+    "conv64": {"conv_channels": 64},
+    "no_cascade": {"cascade": False},
+    "no_distill": {"distill": 0.0},
+    "distill_t1": {"distill": 1.0},
+    "distill_t6": {"distill": 6.0},
+    "epochs_x2": {"epochs_factor": 2},
+}
+DEFAULT = ("joint", "refit", "pool_linear", "conv32", "no_cascade", "no_distill", "distill_t1", "distill_t6",
+           "epochs_x2")
+POLICIES = ("confidence", "margin")
+
+
+def certified_flops(logits: list[torch.Tensor], labels: torch.Tensor, costs: list[float], full: float,
+                    seed: int) -> dict:
+    """Per static policy: FLOPs fraction and accuracy drop on the certifying half at LTT-certified thresholds."""
+    fit, cal = gate_split(len(labels), seed)
+    out = {}
+    for name in POLICIES:
+        family = policy_family(name, None, len(logits) - 1)
+        path = ExitScores.build([lg[fit] for lg in logits], labels[fit], family, costs, full)
+        scores = ExitScores.build([lg[cal] for lg in logits], labels[cal], family, costs, full)
+        thresholds, _ = calibrate_scores(scores, Objective("drop", 1.0), "ltt", 0.1, path=path)
+        outcome = scores.outcome(thresholds)
+        out[name] = {"flops_fraction": outcome["flops_fraction"], "drop": outcome["drop"],
+                     "exit_counts": outcome["exit_counts"]}
+    return out
+
+
+def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, log=print) -> dict:
+    model, meta = checkpoint.load(checkpoint_path)
+    cfg = TrainConfig(**meta["config"])
+    train_set = load(cfg.data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_train,
+                     image_size=cfg.image_size)
+    val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val,
+               image_size=cfg.image_size)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    log(f"caching {views} view(s) of {len(train_set)} training samples "
+        f"({feature_bytes(model, views * len(train_set)) / 2**30:.2f} GiB)")
+    start = time.perf_counter()
+    cached = cache_features(model, train_set, views if cfg.augments() else 1, gen, cfg.augments())
+    result = {"checkpoint": str(checkpoint_path), "views": views, "epochs": epochs,
+              "cache_seconds": time.perf_counter() - start, "validation_samples": len(val), "variants": {}}
+    for name in variants:
+        change = VARIANTS[name]
+        if name == "joint":
+            candidate, seconds = model, None
+        else:
+            head = model.spec.exit_head
+            head = ExitHeadSpec(change.get("conv_channels", head.conv_channels), head.conv_stride)
+            candidate = with_new_heads(model, head, cascade=change.get("cascade"))
+            torch.manual_seed(cfg.seed + 2)
+            start = time.perf_counter()
+            fit_heads(candidate, cached, epochs=epochs * change.get("epochs_factor", 1), lr=cfg.lr,
+                      distill=change.get("distill", cfg.distill), batch_size=cfg.batch_size, generator=gen,
+                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, log=lambda _: None)
+            seconds = time.perf_counter() - start
+        logits = collect_logits(candidate, val)
+        costs, full = cost_table(candidate)
+        entry = {"change": change, "fit_seconds": seconds,
+                 "exit_accuracy": [float((lg.argmax(1) == val.labels).double().mean()) for lg in logits],
+                 "exit_cost_fraction": [c / full for c in costs],
+                 "certified": certified_flops(logits, val.labels, costs, full, cfg.seed)}
+        result["variants"][name] = entry
+        log(f"{name:>12}: exit accuracy {[round(a, 4) for a in entry['exit_accuracy']]}, leaving costs "
+            f"{[round(100 * c, 1) for c in entry['exit_cost_fraction']]}%, certified FLOPs "
+            + ", ".join(f"{p} {100 * c['flops_fraction']:.1f}%" for p, c in entry["certified"].items())
+            + ("" if seconds is None else f", fitted in {seconds:.0f} s"))
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["variants"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in names:
+        v = result["variants"][name]
+        left.plot(range(len(v["exit_accuracy"])), v["exit_accuracy"], marker="o", label=name)
+    left.set_xlabel("exit")
+    left.set_ylabel("validation accuracy")
+    left.legend(fontsize=7)
+    for k, policy in enumerate(POLICIES):
+        right.bar([i + 0.4 * k for i in range(len(names))],
+                  [100 * result["variants"][n]["certified"][policy]["flops_fraction"] for n in names], 0.4,
+                  label=policy)
+    right.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=45, ha="right", fontsize=8)
+    right.set_ylabel("% of the network's FLOPs, certified ≤ 1 pt")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _variants(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    return names
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.analysis.heads_ablation", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors written by training.train")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--variants", type=_variants, default=list(DEFAULT), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--epochs", type=positive_int, default=6, help="epochs over the cached features per variant")
+    p.add_argument("--views", type=positive_int, default=2, help="copies of the training split cached")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not args.checkpoint.is_file():
+        raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    result = ablate(args.checkpoint, args.variants, args.epochs, args.views)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "heads_ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "heads_ablation.png")
+    print(f"wrote {args.out / 'heads_ablation.json'} and {args.out / 'heads_ablation.png'}")
+    return 0
+
+
+def cli() -> None:
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()
