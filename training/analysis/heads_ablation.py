@@ -2,14 +2,15 @@
 backbone from one feature cache, compared on the validation split.
 
 ``python -m training.analysis.heads_ablation --checkpoint FILE --out DIR [--variants a,b,...] [--epochs 6]
-[--views 2]``
+[--views 2] [--splits 20]``
 
 The backbone's features at the exit points are cached once (``training.heads``); every variant then gets fresh
 heads fitted on that cache, so the variants differ only in what is named. ``joint`` is the checkpoint's own heads,
 trained with the backbone. Per variant: every exit's accuracy on the validation split, the cost of leaving at each
 exit (the heads on the way included) as a share of the whole network, the seconds of fitting, and, for the
 ``confidence`` and ``margin`` policies, the FLOPs at thresholds certified on validation the way training certifies
-them (LTT, delta 0.1, within 1 point of the final exit; ordered on one half, certified and measured on the other).
+them (LTT, delta 0.1, within 1 point of the final exit; ordered on one half, certified and measured on the other),
+repeated over ``--splits`` random halvings, since one halving alone moves the result by points.
 The test split is not touched. Writes ``DIR/heads_ablation.json`` and ``DIR/heads_ablation.png``.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.cli import positive_int, run
@@ -51,23 +53,31 @@ DEFAULT = ("joint", "refit", "pool_linear", "conv32", "no_cascade", "no_distill"
 POLICIES = ("confidence", "margin")
 
 
-def certified_flops(logits: list[torch.Tensor], labels: torch.Tensor, costs: list[float], full: float,
-                    seed: int) -> dict:
-    """Per static policy: FLOPs fraction and accuracy drop on the certifying half at LTT-certified thresholds."""
-    fit, cal = gate_split(len(labels), seed)
+def certified_flops(logits: list[torch.Tensor], labels: torch.Tensor, costs: list[float], full: float, seed: int,
+                    splits: int) -> dict:
+    """Per static policy, over ``splits`` random halvings of the validation split (the first is the one training
+    uses): the FLOPs fraction and accuracy drop on the certifying half at LTT-certified thresholds (delta 0.1, drop
+    <= 1 point), their means and standard deviations. One halving alone moves by points: the fixed-sequence test
+    stops at the first candidate its half cannot certify."""
     out = {}
     for name in POLICIES:
         family = policy_family(name, None, len(logits) - 1)
-        path = ExitScores.build([lg[fit] for lg in logits], labels[fit], family, costs, full)
-        scores = ExitScores.build([lg[cal] for lg in logits], labels[cal], family, costs, full)
-        thresholds, _ = calibrate_scores(scores, Objective("drop", 1.0), "ltt", 0.1, path=path)
-        outcome = scores.outcome(thresholds)
-        out[name] = {"flops_fraction": outcome["flops_fraction"], "drop": outcome["drop"],
-                     "exit_counts": outcome["exit_counts"]}
+        flops, drops = [], []
+        for s in range(splits):
+            fit, cal = gate_split(len(labels), seed + s)
+            path = ExitScores.build([lg[fit] for lg in logits], labels[fit], family, costs, full)
+            scores = ExitScores.build([lg[cal] for lg in logits], labels[cal], family, costs, full)
+            thresholds, _ = calibrate_scores(scores, Objective("drop", 1.0), "ltt", 0.1, path=path)
+            outcome = scores.outcome(thresholds)
+            flops.append(outcome["flops_fraction"])
+            drops.append(outcome["drop"])
+        out[name] = {"flops_fraction": flops, "drop": drops, "mean_flops_fraction": float(np.mean(flops)),
+                     "std_flops_fraction": float(np.std(flops)), "mean_drop": float(np.mean(drops))}
     return out
 
 
-def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, log=print) -> dict:
+def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, splits: int = 20,
+           log=print) -> dict:
     model, meta = checkpoint.load(checkpoint_path)
     cfg = TrainConfig(**meta["config"])
     train_set = load(cfg.data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_train,
@@ -79,7 +89,7 @@ def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, 
         f"({feature_bytes(model, views * len(train_set)) / 2**30:.2f} GiB)")
     start = time.perf_counter()
     cached = cache_features(model, train_set, views if cfg.augments() else 1, gen, cfg.augments())
-    result = {"checkpoint": str(checkpoint_path), "views": views, "epochs": epochs,
+    result = {"checkpoint": str(checkpoint_path), "views": views, "epochs": epochs, "splits": splits,
               "cache_seconds": time.perf_counter() - start, "validation_samples": len(val), "variants": {}}
     for name in variants:
         change = VARIANTS[name]
@@ -100,11 +110,12 @@ def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, 
         entry = {"change": change, "fit_seconds": seconds,
                  "exit_accuracy": [float((lg.argmax(1) == val.labels).double().mean()) for lg in logits],
                  "exit_cost_fraction": [c / full for c in costs],
-                 "certified": certified_flops(logits, val.labels, costs, full, cfg.seed)}
+                 "certified": certified_flops(logits, val.labels, costs, full, cfg.seed, splits)}
         result["variants"][name] = entry
         log(f"{name:>12}: exit accuracy {[round(a, 4) for a in entry['exit_accuracy']]}, leaving costs "
             f"{[round(100 * c, 1) for c in entry['exit_cost_fraction']]}%, certified FLOPs "
-            + ", ".join(f"{p} {100 * c['flops_fraction']:.1f}%" for p, c in entry["certified"].items())
+            + ", ".join(f"{p} {100 * c['mean_flops_fraction']:.1f} ± {100 * c['std_flops_fraction']:.1f}%"
+                        for p, c in entry["certified"].items())
             + ("" if seconds is None else f", fitted in {seconds:.0f} s"))
     return result
 
@@ -125,10 +136,11 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=7)
     for k, policy in enumerate(POLICIES):
         right.bar([i + 0.4 * k for i in range(len(names))],
-                  [100 * result["variants"][n]["certified"][policy]["flops_fraction"] for n in names], 0.4,
+                  [100 * result["variants"][n]["certified"][policy]["mean_flops_fraction"] for n in names], 0.4,
+                  yerr=[100 * result["variants"][n]["certified"][policy]["std_flops_fraction"] for n in names],
                   label=policy)
     right.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=45, ha="right", fontsize=8)
-    right.set_ylabel("% of the network's FLOPs, certified ≤ 1 pt")
+    right.set_ylabel(f"% of the FLOPs certified ≤ 1 pt (mean, sd; {result['splits']} halvings)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -147,9 +159,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.analysis.heads_ablation", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors written by training.train")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--variants", type=_variants, default=list(DEFAULT), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", type=_variants, default=list(DEFAULT),
+                   help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--epochs", type=positive_int, default=6, help="epochs over the cached features per variant")
     p.add_argument("--views", type=positive_int, default=2, help="copies of the training split cached")
+    p.add_argument("--splits", type=positive_int, default=20,
+                   help="random halvings of the validation split the certification is repeated on")
     return p
 
 
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not args.checkpoint.is_file():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-    result = ablate(args.checkpoint, args.variants, args.epochs, args.views)
+    result = ablate(args.checkpoint, args.variants, args.epochs, args.views, args.splits)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "heads_ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "heads_ablation.png")
