@@ -4,8 +4,8 @@
 
 One forward pass of the backbone over the training split (and ``views - 1`` randomly cropped and flipped copies)
 stores what every exit head reads, in float16, with the final exit's logits as the distillation teacher. The heads
-are then trained from scratch on those stored features for many cheap epochs: a head costs a few percent of the
-network, so an epoch over cached features costs a few percent of a training epoch. The backbone, its BatchNorm
+are then trained from scratch on those stored features: an epoch over them runs no backbone (on the CIFAR-10
+reference, 10 s against 66-72 s for a training epoch). The backbone, its BatchNorm
 statistics and the final exit stay exactly as they were. Then the exit policies are fitted and calibrated on the
 validation split as at the end of ``training.train``, and the result is written as a new checkpoint.
 
