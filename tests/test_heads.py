@@ -86,6 +86,8 @@ def test_command_refuses_bad_values_in_one_line(tiny_run, tmp_path):
 def test_ablation_compares_variants_on_one_cache(tiny_run, tmp_path):
     import json
 
+    import pytest
+
     from training.analysis.heads_ablation import main as ablation
 
     assert ablation(["--checkpoint", str(tiny_run), "--out", str(tmp_path), "--epochs", "1", "--splits", "3",
@@ -97,6 +99,13 @@ def test_ablation_compares_variants_on_one_cache(tiny_run, tmp_path):
     assert variants["joint"]["fit_seconds"] is None and variants["refit"]["fit_seconds"] > 0
     # Same backbone and final exit everywhere; a head without its conv is cheaper to leave at.
     assert len({v["exit_accuracy"][-1] for v in variants.values()}) == 1
+    # ``refit`` is exactly what training.heads writes (same cache, same draws).
+    model, meta = checkpoint.load(tiny_run)
+    cfg = TrainConfig(**meta["config"])
+    train_set = load(cfg.data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_train)
+    val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val)
+    refit, _ = refit_heads(model, train_set, cfg, epochs=1, views=2, log=lambda _: None)
+    assert evaluate(refit, val)["exit_accuracy"] == pytest.approx(variants["refit"]["exit_accuracy"], abs=1e-6)
     assert variants["pool_linear"]["exit_cost_fraction"][0] < variants["refit"]["exit_cost_fraction"][0]
     for v in variants.values():
         for policy in ("confidence", "margin"):

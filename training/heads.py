@@ -131,17 +131,26 @@ def refit_heads(model: MultiExitNet, train_set: ImageSet, cfg: TrainConfig, *, e
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     torch.manual_seed(cfg.seed + 2)
     fresh = with_new_heads(model, exit_head)
-    augment = cfg.augments()
-    size = feature_bytes(fresh, views * len(train_set))
+    cached, seconds = cached_views(fresh, train_set, cfg, views, gen, log)
+    history = fit_heads(fresh, cached, epochs=epochs, lr=cfg.lr, distill=cfg.distill, batch_size=cfg.batch_size,
+                        generator=gen, momentum=cfg.momentum, weight_decay=cfg.weight_decay, log=log)
+    history[0]["cache_seconds"] = seconds
+    return fresh, history
+
+
+def cached_views(model: MultiExitNet, train_set: ImageSet, cfg: TrainConfig, views: int, generator: torch.Generator,
+                 log=print) -> tuple[CachedFeatures, float]:
+    """``cache_features`` of ``views`` views when ``cfg`` augments its data (else of the images as they are), with
+    its size announced first; returns the cache and the seconds it took."""
+    views = views if cfg.augments() else 1
+    size = feature_bytes(model, views * len(train_set))
     log(f"[heads] caching the exit points' features of {views} view(s) of {len(train_set)} training samples "
         f"({size / 2**30:.2f} GiB)")
     start = time.perf_counter()
-    cached = cache_features(fresh, train_set, views if augment else 1, gen, augment)
-    log(f"[heads] cached in {time.perf_counter() - start:.0f} s")
-    history = fit_heads(fresh, cached, epochs=epochs, lr=cfg.lr, distill=cfg.distill, batch_size=cfg.batch_size,
-                        generator=gen, momentum=cfg.momentum, weight_decay=cfg.weight_decay, log=log)
-    history[0]["cache_seconds"] = time.perf_counter() - start - sum(h["seconds"] for h in history)
-    return fresh, history
+    cached = cache_features(model, train_set, views, generator, cfg.augments())
+    seconds = time.perf_counter() - start
+    log(f"[heads] cached in {seconds:.0f} s")
+    return cached, seconds
 
 
 def get_args_parser() -> argparse.ArgumentParser:

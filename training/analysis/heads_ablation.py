@@ -32,7 +32,7 @@ from training import checkpoint
 from training.calibrate import ExitScores, Objective, calibrate_scores, policy_family
 from training.config import TrainConfig
 from training.engine import collect_logits
-from training.heads import cache_features, feature_bytes, fit_heads, with_new_heads
+from training.heads import cached_views, fit_heads, with_new_heads
 from training.policies import gate_split
 
 # name -> what differs from refitting the checkpoint's own kind of head with its training config
@@ -84,13 +84,13 @@ def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, 
                      image_size=cfg.image_size)
     val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val,
                image_size=cfg.image_size)
+    # The draws training.heads makes: the cache first, then every variant starts from the generator's state after it
+    # and from the same initial weights, so ``refit`` is exactly what ``training.heads`` writes.
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    log(f"caching {views} view(s) of {len(train_set)} training samples "
-        f"({feature_bytes(model, views * len(train_set)) / 2**30:.2f} GiB)")
-    start = time.perf_counter()
-    cached = cache_features(model, train_set, views if cfg.augments() else 1, gen, cfg.augments())
+    cached, seconds = cached_views(model, train_set, cfg, views, gen, log)
+    after_cache = gen.get_state()
     result = {"checkpoint": str(checkpoint_path), "views": views, "epochs": epochs, "splits": splits,
-              "cache_seconds": time.perf_counter() - start, "validation_samples": len(val), "variants": {}}
+              "cache_seconds": seconds, "validation_samples": len(val), "variants": {}}
     for name in variants:
         change = VARIANTS[name]
         if name == "joint":
@@ -98,8 +98,9 @@ def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, 
         else:
             head = model.spec.exit_head
             head = ExitHeadSpec(change.get("conv_channels", head.conv_channels), head.conv_stride)
-            candidate = with_new_heads(model, head, cascade=change.get("cascade"))
             torch.manual_seed(cfg.seed + 2)
+            candidate = with_new_heads(model, head, cascade=change.get("cascade"))
+            gen.set_state(after_cache)
             start = time.perf_counter()
             fit_heads(candidate, cached, epochs=epochs * change.get("epochs_factor", 1), lr=cfg.lr,
                       distill=change.get("distill", cfg.distill), batch_size=cfg.batch_size, generator=gen,
