@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                       "exit_conv_stride": head.conv_stride, "heads_epochs": args.epochs, "heads_views": args.views}
     meta.update(fit_and_calibrate(fresh, val, cfg))
     checkpoint.save(fresh, meta, args.out)
-    if args.out.parent.is_dir():
-        (args.out.parent / "heads-history.json").write_text(json.dumps(history, indent=2) + "\n")
+    (args.out.parent / "heads-history.json").write_text(json.dumps(history, indent=2) + "\n")
     print(f"checkpoint with refitted heads written to {args.out}")
     return 0
 
