@@ -407,7 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     from common.model.gates import gate_from_dict
     from training import checkpoint
     from training.config import TrainConfig
-    from common.data.datasets import load
     from training.train import fit_and_calibrate
 
     args = get_args_parser().parse_args(argv)
@@ -431,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [k for k in FITTED if k not in learned]
     if missing:
         print(f"fitting {', '.join(missing)} on the validation split" + (" (--refit)" if args.refit else ""))
-    val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val)
+    val = cfg.load_split("val")
     meta.update(fit_and_calibrate(model, val, cfg, learned))
     meta["config"] = {**meta["config"], "target_accuracy": cfg.target_accuracy, "target_drop": cfg.target_drop,
                       "budget_flops": cfg.budget_flops, "policy": cfg.policy, "calibration": cfg.calibration,

@@ -89,6 +89,15 @@ class TrainConfig:
     delta: float = field(default=0.1, metadata={"help": "ltt: allowed probability that the promise fails"})
     bound: str = field(default="wsr", metadata={"help": "ltt: concentration bound, wsr, hb or binomial"})
 
+    def load_split(self, split: str):
+        """The ``train`` or ``val`` split of this config's data, held out exactly as training held it out (same
+        fraction, seed, limits and image size): a ``common.data.datasets.ImageSet``."""
+        from common.data.datasets import load
+
+        limit = self.limit_train if split == "train" else self.limit_val
+        return load(self.data, split, download=self.download, val_fraction=self.val_fraction, seed=self.seed,
+                    limit=limit, image_size=self.image_size)
+
     def augments(self) -> bool:
         """Whether training crops and flips its images: ``crop_flip``, or ``auto`` on any data but synthetic (its
         cues are positional) and MNIST (a flipped digit is another digit)."""

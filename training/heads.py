@@ -26,7 +26,7 @@ from torch import Tensor
 from common.cli import positive_int, run
 from common.errors import ConfigError
 from common.model import ExitHeadSpec, MultiExitNet
-from common.data.datasets import ImageSet, load
+from common.data.datasets import ImageSet
 from training import checkpoint
 from training.config import TrainConfig
 from training.engine import augment_crop_flip, evaluate, weighted_exit_loss
@@ -189,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--exit-conv-channels must be >= 0, got {args.exit_conv_channels}")
     head = ExitHeadSpec(head.conv_channels if args.exit_conv_channels is None else args.exit_conv_channels,
                         head.conv_stride if args.exit_conv_stride is None else args.exit_conv_stride)
-    train_set = load(cfg.data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_train,
-                     image_size=cfg.image_size)
-    val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val,
-               image_size=cfg.image_size)
+    train_set, val = cfg.load_split("train"), cfg.load_split("val")
     fresh, history = refit_heads(model, train_set, cfg, epochs=args.epochs, views=args.views, exit_head=head)
     accuracy = evaluate(fresh, val)["exit_accuracy"]
     print(f"[heads] validation exit accuracy {[round(a, 4) for a in accuracy]}")

@@ -36,7 +36,7 @@ from common.model.convert import load_pretrained  # noqa: E402
 from common.model.split import cost_table  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from common.data.datasets import ImageSet, load, normalization  # noqa: E402
+from common.data.datasets import ImageSet, normalization  # noqa: E402
 from training.engine import collect_logits, evaluate, train_one_epoch, weighted_exit_loss  # noqa: E402
 from training.policies import build_policies  # noqa: E402
 
@@ -99,10 +99,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_set = load(cfg.data, "train", download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                     limit=cfg.limit_train, image_size=cfg.image_size)
-    val_set = load(cfg.data, "val", download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                   limit=cfg.limit_val, image_size=cfg.image_size)
+    train_set, val_set = cfg.load_split("train"), cfg.load_split("val")
     print(f"data {cfg.data}: {len(train_set)} train, {len(val_set)} validation samples, "
           f"{len(train_set.class_names)} classes")
     model = build_model(cfg, len(train_set.class_names), tuple(train_set.images.shape[1:]))

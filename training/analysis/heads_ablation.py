@@ -26,7 +26,6 @@ import torch
 from common.cli import positive_int, run
 from common.model import ExitHeadSpec
 from common.model.split import cost_table
-from common.data.datasets import load
 from training import checkpoint
 from training.calibrate import ExitScores, Objective, calibrate_scores, policy_family
 from training.config import TrainConfig
@@ -79,10 +78,7 @@ def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, 
            log=print) -> dict:
     model, meta = checkpoint.load(checkpoint_path)
     cfg = TrainConfig(**meta["config"])
-    train_set = load(cfg.data, "train", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_train,
-                     image_size=cfg.image_size)
-    val = load(cfg.data, "val", val_fraction=cfg.val_fraction, seed=cfg.seed, limit=cfg.limit_val,
-               image_size=cfg.image_size)
+    train_set, val = cfg.load_split("train"), cfg.load_split("val")
     # The draws training.heads makes: the cache first, then every variant starts from the generator's state after it
     # and from the same initial weights, so ``refit`` is exactly what ``training.heads`` writes.
     gen = torch.Generator().manual_seed(cfg.seed + 2)
