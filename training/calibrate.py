@@ -1,8 +1,12 @@
 """Exit thresholds calibrated on a validation split (never the test split), naively or with a guarantee.
 
-Everything is a pure function over cached exit outputs. Candidate thresholds come from a cascade search: exit k sees
-only the samples that earlier exits declined, and its threshold is the lowest one whose accepted samples still reach
-an accuracy target - the highest coverage that meets it; 201 targets give the candidates.
+Everything is a pure function over cached exit outputs. Candidate thresholds are priced (``priced_thresholds``): at
+each exchange rate between FLOPs and answers lost, exit k takes the samples reaching it (those earlier exits declined)
+for which leaving saves more computation than the accuracy it costs against where they would otherwise leave, so an
+early exit, which saves much, may accept answers a little less sure than a late one; 60 rates and the fractions of
+the most cautious give the candidates. (The older family, one accuracy target shared by every exit,
+``cascade_thresholds``, remains for the ``per_exit`` objective and the frontier's ``per_exit`` sweep: at the same
+certified promise it cost 3 to 4 points more FLOPs on the CIFAR-10 reference, docs/benchmarks.md.)
 
 * ``naive`` keeps the candidate that is best on the calibration data itself. Its promise often breaks on new data.
 * ``ltt`` (Learn-then-Test) orders the candidates on one half of the validation split and tests them in that order
@@ -201,7 +205,6 @@ def to_gates(family: list[Thresholdable], thresholds: list[float | None]) -> lis
 
 
 METHODS = ("naive", "ltt")
-TARGET_GRID = np.linspace(0.0, 1.0, 201)
 
 
 @dataclass(frozen=True)
@@ -248,12 +251,88 @@ class Objective:
                               "per_exit": "target_accuracy_per_exit"}[self.kind], "target": self.value}
 
 
+def isotonic_rising(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The weighted least-squares non-decreasing fit of ``values`` (pool adjacent violators), one value per input."""
+    means: list[float] = []
+    mass: list[float] = []
+    sizes: list[int] = []
+    for v, w in zip(values.tolist(), weights.tolist()):
+        m, wt, size = v, w, 1
+        while means and means[-1] > m:  # pool with the previous block until the fit rises
+            pm, pw = means.pop(), mass.pop()
+            m, wt, size = (pm * pw + m * wt) / (pw + wt), pw + wt, size + sizes.pop()
+        means.append(m)
+        mass.append(wt)
+        sizes.append(size)
+    return np.repeat(np.asarray(means), sizes)
+
+
+def _best_prefix(scores: np.ndarray, saving: np.ndarray, loss: np.ndarray, price: float) -> float | None:
+    """The threshold (accept ``score >= t``) maximising FLOPs saved minus ``price`` times answers lost over the
+    accepted samples, with the loss smoothed into a rate that rises as the score falls; ``None``: accept nothing."""
+    if len(scores) == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    ends = np.append(np.nonzero(s[1:] < s[:-1])[0], len(s) - 1)  # last position of each group of equal scores
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    sizes = (ends - starts + 1).astype(np.float64)
+    group_loss = np.add.reduceat(loss[order], starts) / sizes
+    group_saving = np.add.reduceat(saving[order], starts)
+    gain = np.cumsum(group_saving - price * sizes * isotonic_rising(group_loss, sizes))
+    best = int(np.argmax(gain))
+    return float(s[ends[best]]) if gain[best] > 0 else None
+
+
+def priced_thresholds(es: ExitScores, price: float, sweeps: int = 2) -> list[float | None]:
+    """Per-exit thresholds that trade computation for accuracy at one exchange rate: ``price`` is how many whole
+    networks' FLOPs one answer lost is worth.
+
+    Exit k accepts the samples reaching it (those earlier exits decline) whose score puts them where leaving saves
+    more FLOPs - against where the later exits under their current thresholds would answer them - than ``price``
+    times the answers it loses there (answered wrongly at k but rightly later, minus the reverse). The rate of loss
+    is smoothed by an isotonic fit in the score, so a few lucky samples do not move a threshold. Exits are set from
+    the last to the first, ``sweeps`` times, each seeing the others' current thresholds. Unlike one accuracy target
+    for every exit, an exit that saves much (an early one) may accept answers a little less sure than one that saves
+    little."""
+    n, num_early = len(es), len(es.scores)
+    right = es.preds == es.labels
+    thresholds: list[float | None] = [None] * num_early
+    for _ in range(sweeps):
+        for k in reversed(range(num_early)):
+            later = ExitScores(es.scores[k + 1:], es.preds[k + 1:], es.labels, es.costs[k + 1:], es.full)
+            then = k + 1 + later.exit_of(thresholds[k + 1:])  # where a sample exit k declines would leave
+            reach = es.exit_of(thresholds[:k] + [None] * (num_early - k)) == len(es.preds) - 1
+            saving = (es.costs[then] - es.costs[k]) / es.full
+            loss = right[then, np.arange(n)].astype(np.float64) - right[k]
+            thresholds[k] = _best_prefix(es.scores[k, reach], saving[reach], loss[reach], price)
+    return thresholds
+
+
+def cautious_part(es: ExitScores, thresholds: list[float | None], fraction: float) -> list[float | None]:
+    """Thresholds that keep, at every exit, the best-scored ``fraction`` of the samples ``thresholds`` accept there."""
+    out: list[float | None] = []
+    remaining = np.ones(len(es), dtype=bool)
+    for k, t in enumerate(thresholds):
+        taken = np.sort(es.scores[k, remaining])[::-1]
+        keep = int(fraction * np.count_nonzero(taken >= t)) if t is not None else 0
+        out.append(float(taken[keep - 1]) if keep else None)
+        if keep:
+            remaining &= ~(es.scores[k] >= out[-1])
+    return out
+
+
+PRICES = np.geomspace(1000.0, 0.1, 60)  # FLOPs of whole networks one lost answer is worth, most cautious first
+CAUTIOUS_STEPS = np.linspace(0.0, 1.0, 41)[1:-1]
+
+
 def candidate_thresholds(es: ExitScores) -> list[list[float | None]]:
-    """Threshold vectors worth considering: "never exit early" and the cascade calibrated to each accuracy target
-    of a 201-point grid, without duplicates."""
+    """Threshold vectors worth considering, from "never exit early" to "everything leaves at the first exit", without
+    duplicates: ``priced_thresholds`` at each price of ``PRICES``, preceded by fractions of the most cautious of them
+    (``cautious_part``), so that a certification testing them in this order has small steps to take at first."""
     out = [[None] * len(es.scores)]
-    for t in TARGET_GRID:
-        th = cascade_thresholds(es, float(t))
+    priced = [priced_thresholds(es, float(p)) for p in PRICES]
+    for th in [cautious_part(es, priced[0], float(f)) for f in CAUTIOUS_STEPS] + priced:
         if th not in out:
             out.append(th)
     return out
