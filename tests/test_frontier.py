@@ -4,6 +4,7 @@ import pytest
 
 from common.emulation.chain import evaluate_in_process
 from training.analysis import frontier
+from training.calibrate import PRICES
 
 
 def test_frontier_cli_on_a_bundle(tiny_bundle, test_slice, tmp_path):
@@ -73,6 +74,14 @@ def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
         device = [p["exits"]["device"] for p in by_target]
         early = [p["exits"]["device"] + p["exits"]["edge"] for p in by_target]
         assert device == sorted(device, reverse=True) and early[0] > early[-1]
+        # The priced sweep: one point per exchange rate, from "the first exit takes everything" to cautious ones.
+        priced = result["policies"][name]["priced"]
+        assert len(priced) == len(PRICES) and all(sum(p["exits"].values()) == 192 for p in priced)
+        cheapest = min(priced, key=lambda p: p["parameter"])
+        # A lost answer worth a tenth of a network: the first exit takes every validation sample, so nearly every test
+        # sample (a few may score below them all).
+        assert cheapest["exits"]["device"] >= 0.9 * 192
+        assert max(p["flops_fraction"] for p in priced) > cheapest["flops_fraction"]
     # The cost policy is a curve: its gates refitted on the validation split for each alpha, measured on test.
     curve = result["policies"]["cost"]["curve"]
     assert sorted(p["parameter"] for p in curve) == sorted(frontier.COST_ALPHAS) and len(curve) >= 5

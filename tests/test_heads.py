@@ -6,6 +6,7 @@ from common.errors import ConfigError
 from training import checkpoint
 from training.config import TrainConfig
 from training.engine import augment_crop_flip, collect_logits, evaluate
+from training.calibrate import main as calibrate_main
 from training.heads import cache_features, feature_bytes, main, refit_heads, with_new_heads
 
 
@@ -68,10 +69,14 @@ def test_command_writes_a_calibrated_checkpoint_with_the_new_heads(tiny_run, tmp
                  "--exit-conv-channels", "4"]) == 0
     model, meta = checkpoint.load(out)
     assert model.spec.exit_head.conv_channels == 4 and meta["config"]["exit_conv_channels"] == 4
-    assert meta["config"]["heads_epochs"] == 1 and set(meta["policies"]) >= {"confidence", "ensemble"}
+    assert meta["heads"]["epochs"] == 1 and set(meta["policies"]) >= {"confidence", "ensemble"}
     assert "validation exit accuracy" in capsys.readouterr().out
     export(out, tmp_path / "bundle")  # a refitted checkpoint deploys like any other
     assert (tmp_path / "heads-history.json").is_file()
+    # ... re-calibrates like any other, and refits again
+    assert calibrate_main(["--checkpoint", str(out), "--target-drop", "2"]) == 0
+    assert checkpoint.load(out)[1]["calibration"]["confidence"]["target"] == 2
+    assert main(["--checkpoint", str(out), "--out", str(tmp_path / "again.safetensors"), "--epochs", "1"]) == 0
 
 
 def test_command_refuses_bad_values_in_one_line(tiny_run, tmp_path):

@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     fresh, history = refit_heads(model, train_set, cfg, epochs=args.epochs, views=args.views, exit_head=head)
     accuracy = evaluate(fresh, val)["exit_accuracy"]
     print(f"[heads] validation exit accuracy {[round(a, 4) for a in accuracy]}")
-    meta["config"] = {**meta["config"], "exit_conv_channels": head.conv_channels,
-                      "exit_conv_stride": head.conv_stride, "heads_epochs": args.epochs, "heads_views": args.views}
+    # The config stays a TrainConfig (training.calibrate and a second refit rebuild one from it); how the heads were
+    # refitted is recorded beside it.
+    meta["config"] = {**meta["config"], "exit_conv_channels": head.conv_channels, "exit_conv_stride": head.conv_stride}
+    meta["heads"] = {"epochs": args.epochs, "views": args.views, "distill": cfg.distill, "lr": cfg.lr}
     meta.update(fit_and_calibrate(fresh, val, cfg))
     checkpoint.save(fresh, meta, args.out)
     (args.out.parent / "heads-history.json").write_text(json.dumps(history, indent=2) + "\n")

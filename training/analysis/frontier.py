@@ -5,9 +5,11 @@
 
 Runs the bundle's segments once over the data (no sample leaves early), keeps every exit's logits, and then sweeps
 each thresholded policy (one threshold shared by the early exits; the stored ``mlp`` and ``ensemble`` gates included)
-over its range, plus the bundle's own calibrated gates. With ``--calibrate-on val`` every policy is also swept the way the seed projects do it: per-exit thresholds
-calibrated on the validation split to desired accuracies from 0.5 to 1 (``per_exit`` in the JSON; dashed in the
-plot for ``confidence`` and ``mlp``). Each segment's compute time is measured during the pass, so every point also
+over its range, plus the bundle's own calibrated gates. With ``--calibrate-on val`` every policy is also swept twice
+with per-exit thresholds set on the validation split: the way the seed projects do it, to desired accuracies from
+0.5 to 1 (``per_exit`` in the JSON; dashed in the plot for ``confidence``, ``mlp`` and ``ensemble``), and priced at
+every exchange rate between FLOPs and answers lost, the candidates calibration certifies (``priced``; dotted for
+``confidence`` and ``ensemble``). Each segment's compute time is measured during the pass, so every point also
 has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
 included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
 against latency, one line per policy, the final exit's accuracy as a reference line, and two oracle gates that
@@ -39,8 +41,8 @@ from common.cli import add_data_args, positive_int, run
 from common.errors import ConfigError
 from common.model.gates import ConstantGate, Gate, gate_to_dict
 from common.emulation.chain import all_exit_logits, bundle_costs, exit_names, exit_seconds
-from training.calibrate import (ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds,
-                                history_at, to_gates)
+from training.calibrate import (PRICES, ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds,
+                                history_at, priced_thresholds, to_gates)
 from training.policies import fit_cost_gates
 from common.data.datasets import load, parse_spec
 
@@ -111,9 +113,19 @@ def per_exit_sweep(cached: Cached, family: list[Thresholdable], calib: ExitScore
     return sorted(out, key=lambda p: (p["flops_fraction"], p["parameter"]))
 
 
+def priced_sweep(cached: Cached, family: list[Thresholdable], calib: ExitScores) -> list[dict]:
+    """Per-exit thresholds priced on ``calib`` (other data) at every exchange rate of ``training.calibrate.PRICES``
+    (the candidates calibration certifies), measured on ``cached``."""
+    out = []
+    for price in PRICES:
+        gates = to_gates(family, priced_thresholds(calib, float(price)))
+        out.append({"parameter": round(float(price), 6), **cached.point(gates)})
+    return sorted(out, key=lambda p: (p["flops_fraction"], p["parameter"]))
+
+
 COST_ALPHAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 DROPS = (1.0, 2.0, 5.0)
-CURVES = ("points", "per_exit", "curve")  # the measured point lists a policy may have in the JSON
+CURVES = ("points", "per_exit", "priced", "curve")  # the measured point lists a policy may have in the JSON
 
 
 def at_drop(policies: dict, final_accuracy: float, drops: tuple[float, ...] = DROPS) -> dict:
@@ -148,8 +160,10 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``.
 
     With ``calib`` (images and labels of other data, e.g. the validation split), every policy also gets a
-    ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here; and
-    the ``cost`` policy a ``curve``: its gates refitted there for every alpha of ``cost_alphas``.
+    ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here; a
+    ``priced`` sweep: the thresholds priced there at every exchange rate between FLOPs and answers lost (the
+    candidates calibration certifies), measured here; and the ``cost`` policy a ``curve``: its gates refitted there
+    for every alpha of ``cost_alphas``.
     """
     bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
     tiers = exit_names(bundles)
@@ -170,6 +184,7 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
         for kind, family in families.items():
             scores = ExitScores.build(calib_logits, calib[1], family, costs, full)
             policies[kind]["per_exit"] = per_exit_sweep(cached, family, scores, points)
+            policies[kind]["priced"] = priced_sweep(cached, family, scores)
     if cost_stored:
         gates = [g for b in bundles for g in b.policy_gates("cost")]
         policies["cost"] = {"alpha": gates[0].alpha,
@@ -228,6 +243,10 @@ def plot(result: dict, path: Path) -> None:
                 pe = policy["per_exit"]
                 ax.plot([p[key] for p in pe], [p["accuracy"] for p in pe], linestyle="--", marker="x",
                         color=line.get_color(), label=f"{kind}, per-exit thresholds for a desired accuracy")
+            if policy.get("priced") and kind in ("confidence", "ensemble"):
+                pr = policy["priced"]
+                ax.plot([p[key] for p in pr], [p["accuracy"] for p in pr], linestyle=":", marker="+",
+                        color=line.get_color(), label=f"{kind}, thresholds priced on the calibration split")
         ax.axhline(result["final_accuracy"], color="grey", linestyle="--", label="final exit")
         ax.plot([cal[key]], [cal["accuracy"]], "k*", markersize=12, label="bundle's calibrated gates")
         if key == "flops_fraction":
@@ -265,8 +284,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--points", type=positive_int, default=41, help="thresholds per policy (default 41)")
     p.add_argument("--calibrate-on", default=None, metavar="SPLIT",
-                   help="also sweep per-exit thresholds calibrated on this split of the data (e.g. val) to desired "
-                        "accuracies from 0.5 to 1")
+                   help="also sweep per-exit thresholds set on this split of the data (e.g. val): to desired "
+                        "accuracies from 0.5 to 1, and priced at every exchange rate calibration uses")
     p.add_argument("--cost-alphas", type=_alphas, default=COST_ALPHAS, metavar="A,B,...",
                    help="with --calibrate-on: the alphas the cost policy's gates are refitted for (default "
                         f"{','.join(map(str, COST_ALPHAS))}; empty = none)")
