@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from common.model.gates import ConfidenceGate, ConstantGate, EntropyGate, MarginGate
-from training.calibrate import (ExitScores, Objective, candidate_thresholds, cascade, cascade_thresholds, coverage_threshold,
-                                isotonic_rising, policy_family, priced_thresholds, to_gates)
+from training.calibrate import (ExitScores, Objective, candidate_thresholds, cascade, cascade_thresholds,
+                                coverage_threshold, isotonic_rising, policy_family, priced_thresholds, to_gates)
 
 
 def calibrate_gates(exit_logits, labels, target, kind="confidence"):

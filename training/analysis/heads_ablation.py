@@ -1,7 +1,7 @@
 """Which exit heads pay for themselves: head kinds, distillation temperatures and epochs, refitted on one frozen
 backbone from one feature cache, compared on the validation split.
 
-``python -m training.analysis.heads_ablation --checkpoint FILE --out DIR [--variants a,b,...] [--epochs 6]
+``python -m training.analysis.heads_ablation --checkpoint FILE --out DIR [--variants a,b,...] [--epochs 12]
 [--views 2] [--splits 20]``
 
 The backbone's features at the exit points are cached once (``training.heads``); every variant then gets fresh
@@ -30,7 +30,7 @@ from training import checkpoint
 from training.calibrate import ExitScores, Objective, calibrate_scores, policy_family
 from training.config import TrainConfig
 from training.engine import collect_logits
-from training.heads import cached_views, fit_heads, with_new_heads
+from training.heads import EPOCHS, cached_views, fit_heads, with_new_heads
 from training.policies import gate_split
 
 # name -> what differs from refitting the checkpoint's own kind of head with its training config
@@ -157,7 +157,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--variants", type=_variants, default=list(DEFAULT),
                    help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--epochs", type=positive_int, default=6, help="epochs over the cached features per variant")
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS,
+                   help=f"epochs over the cached features per variant (default {EPOCHS}, as training.heads)")
     p.add_argument("--views", type=positive_int, default=2, help="copies of the training split cached")
     p.add_argument("--splits", type=positive_int, default=20,
                    help="random halvings of the validation split the certification is repeated on")
