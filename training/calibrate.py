@@ -6,7 +6,7 @@ for which leaving saves more computation than the accuracy it costs against wher
 early exit, which saves much, may accept answers a little less sure than a late one; 60 rates and the fractions of
 the most cautious give the candidates. (The older family, one accuracy target shared by every exit,
 ``cascade_thresholds``, remains for the ``per_exit`` objective and the frontier's ``per_exit`` sweep: at the same
-certified promise it cost 3 to 4 points more FLOPs on the CIFAR-10 reference, docs/benchmarks.md.)
+certified promise it cost 1.5 to 5 points more FLOPs on the CIFAR-10 reference, docs/benchmarks.md.)
 
 * ``naive`` keeps the candidate that is best on the calibration data itself. Its promise often breaks on new data.
 * ``ltt`` (Learn-then-Test) orders the candidates on one half of the validation split and tests them in that order
