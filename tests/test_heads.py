@@ -70,12 +70,14 @@ def test_command_writes_a_calibrated_checkpoint_with_the_new_heads(tiny_run, tmp
     model, meta = checkpoint.load(out)
     assert model.spec.exit_head.conv_channels == 4 and meta["config"]["exit_conv_channels"] == 4
     assert meta["heads"]["epochs"] == 1 and set(meta["policies"]) >= {"confidence", "ensemble"}
+    assert meta["calibration"]["confidence"]["ordered_on"] == "train"  # by default, on the training split
     assert "validation exit accuracy" in capsys.readouterr().out
     export(out, tmp_path / "bundle")  # a refitted checkpoint deploys like any other
     assert (tmp_path / "heads-history.json").is_file()
     # ... re-calibrates like any other, and refits again
-    assert calibrate_main(["--checkpoint", str(out), "--target-drop", "2"]) == 0
-    assert checkpoint.load(out)[1]["calibration"]["confidence"]["target"] == 2
+    assert calibrate_main(["--checkpoint", str(out), "--target-drop", "2", "--order-on", "val"]) == 0
+    calibration = checkpoint.load(out)[1]["calibration"]["confidence"]
+    assert calibration["target"] == 2 and calibration["ordered_on"] == "val"
     assert main(["--checkpoint", str(out), "--out", str(tmp_path / "again.safetensors"), "--epochs", "1"]) == 0
 
 

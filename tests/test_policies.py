@@ -138,6 +138,24 @@ def test_build_policies_fits_on_one_half_and_calibrates_on_the_other():
         assert built["calibration"][name]["val_flops_fraction"] <= 0.7
 
 
+def test_ltt_ordered_on_the_training_split_certifies_on_all_it_may():
+    """Candidates ordered on other data: the statistic policies are certified on every validation sample, the
+    fitted ones only on the half their gates were not fitted on."""
+    logits, labels = synthetic_exits(n=1000)
+    train_logits, train_labels = synthetic_exits(n=3000, seed=7)
+    kwargs = dict(alpha=0.4, epochs=5, max_batches=None, seed=0, target_drop=2.0, method="ltt")
+    built = build_policies(logits, labels, COSTS, FULL, order_on=(train_logits, train_labels), **kwargs)["calibration"]
+    halves = build_policies(logits, labels, COSTS, FULL, **kwargs)["calibration"]
+    for name in ("confidence", "entropy", "margin"):
+        assert (built[name]["val_samples"], built[name]["path_samples"], built[name]["ordered_on"]) == (1000, 3000,
+                                                                                                       "train")
+        assert built[name]["val_flops_fraction"] < 0.9  # it does certify early exits
+    for name in ("mlp", "cost", "ensemble"):
+        assert (built[name]["val_samples"], built[name]["path_samples"], built[name]["ordered_on"]) == (500, 3000,
+                                                                                                       "train")
+    assert all((c["val_samples"], c["path_samples"], c["ordered_on"]) == (500, 500, "val") for c in halves.values())
+
+
 def test_ensemble_calibration_keeps_its_promise_on_fresh_data():
     """Ensemble gates fitted on one draw and LTT-calibrated (delta = 0.1) on each of 10 further draws keep a 2-point
     drop on a large fresh draw in at least 8 of the 10 (one draw may fail by design, about one in ten); calibration

@@ -9,16 +9,18 @@ the most cautious give the candidates. (The older family, one accuracy target sh
 certified promise it cost 1.5 to 5 points more FLOPs on the CIFAR-10 reference, docs/benchmarks.md.)
 
 * ``naive`` keeps the candidate that is best on the calibration data itself. Its promise often breaks on new data.
-* ``ltt`` (Learn-then-Test) orders the candidates on one half of the validation split and tests them in that order
-  on the other half (``training.risk``): the thresholds it returns meet the target on new data from the same
-  distribution with probability >= 1 - delta over the draw of the calibration data.
+* ``ltt`` (Learn-then-Test) orders the candidates on data the validation split is independent of and tests them in
+  that order on validation (``training.risk``): the thresholds it returns meet the target on new data from the same
+  distribution with probability >= 1 - delta over the draw of the calibration data. The order comes from the
+  training split's exit outputs by default (every validation sample then certifies), or from one half of the
+  validation split, certified on the other (``training.policies.build_policies``).
 
 Scores and correctness at exit k see the logits of exits 0..k (``history``), since some policies (``ensemble``, the
 ``mlp`` gate's agreement feature) read the earlier exits, and the ``ensemble`` answers with its own label.
 
 ``python -m training.calibrate --checkpoint FILE [--policy NAME] [--target-accuracy A | --target-drop D |
---budget-flops B] [--method ltt|naive] [--delta 0.1] [--refit]`` re-calibrates a trained checkpoint in place; fitted
-policies the checkpoint lacks are fitted first, and ``--refit`` fits all of them again.
+--budget-flops B] [--method ltt|naive] [--delta 0.1] [--order-on train|val] [--refit]`` re-calibrates a trained
+checkpoint in place; fitted policies the checkpoint lacks are fitted first, and ``--refit`` fits all of them again.
 """
 from __future__ import annotations
 
@@ -472,6 +474,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "on validation data, no guarantee (default: the checkpoint's)")
     p.add_argument("--delta", type=float, default=None, help="ltt: allowed probability that the promise fails")
     p.add_argument("--bound", choices=BOUNDS, default=None, help="ltt: concentration bound (default wsr)")
+    p.add_argument("--order-on", choices=("train", "val"), default=None, dest="calibration_order",
+                   help="ltt: put candidate thresholds in order on the training split (the statistic policies are "
+                        "then certified on all of validation) or on half of validation (default: the checkpoint's, "
+                        "else train)")
     p.add_argument("--refit", action="store_true",
                    help=f"fit the learned policies ({', '.join(FITTED)}) again on the validation split instead of "
                         "keeping the checkpoint's (those it lacks are always fitted)")
@@ -496,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         saved["policy"] = args.policy
     if args.data:
         saved["data"] = args.data
-    for key in ("method", "delta", "bound", "gate_agreement"):
+    for key in ("method", "delta", "bound", "gate_agreement", "calibration_order"):
         if getattr(args, key) is not None:
             saved["calibration" if key == "method" else key] = getattr(args, key)
     try:
@@ -510,10 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"fitting {', '.join(missing)} on the validation split" + (" (--refit)" if args.refit else ""))
     val = cfg.load_split("val")
-    meta.update(fit_and_calibrate(model, val, cfg, learned))
+    train_set = cfg.load_split("train") if cfg.calibration == "ltt" and cfg.calibration_order == "train" else None
+    meta.update(fit_and_calibrate(model, val, cfg, learned, train_set))
     meta["config"] = {**meta["config"], "target_accuracy": cfg.target_accuracy, "target_drop": cfg.target_drop,
                       "budget_flops": cfg.budget_flops, "policy": cfg.policy, "calibration": cfg.calibration,
-                      "delta": cfg.delta, "bound": cfg.bound, "gate_agreement": cfg.gate_agreement}
+                      "delta": cfg.delta, "bound": cfg.bound, "gate_agreement": cfg.gate_agreement,
+                      "calibration_order": cfg.calibration_order}
     checkpoint.save(model, meta, args.checkpoint)
     print(f"calibrated on {len(val)} validation samples of {cfg.data}; active policy {cfg.policy}")
     return 0

@@ -88,6 +88,10 @@ class TrainConfig:
                 "(default target: within 1 point of the final exit); naive: the best thresholds on validation data"})
     delta: float = field(default=0.1, metadata={"help": "ltt: allowed probability that the promise fails"})
     bound: str = field(default="wsr", metadata={"help": "ltt: concentration bound, wsr, hb or binomial"})
+    calibration_order: str = field(default="train", metadata={
+        "help": "ltt: where candidate thresholds are put in order: train (the training split's exit outputs; the "
+                "statistic policies are then certified on the whole validation split, the fitted ones on the half "
+                "they were not fitted on) or val (one half of the validation split, certified on the other)"})
 
     def load_split(self, split: str):
         """The ``train`` or ``val`` split of this config's data, held out exactly as training held it out (same
@@ -145,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
         if self.bound not in ("wsr", "hb", "binomial"):
             raise ValueError(f"bound must be wsr, hb or binomial, got {self.bound!r}")
+        if self.calibration_order not in ("train", "val"):
+            raise ValueError(f"calibration_order must be train or val, got {self.calibration_order!r}")
         if any(w < 0 for w in self.loss_weights) or not any(self.loss_weights[:-1]) or not self.loss_weights[-1]:
             raise ValueError("loss_weights must be non-negative, with a positive final weight and at least one "
                              f"positive early-exit weight, got {self.loss_weights}")

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     # refitted is recorded beside it.
     meta["config"] = {**meta["config"], "exit_conv_channels": head.conv_channels, "exit_conv_stride": head.conv_stride}
     meta["heads"] = {"epochs": args.epochs, "views": args.views, "distill": cfg.distill, "lr": cfg.lr}
-    meta.update(fit_and_calibrate(fresh, val, cfg))
+    meta.update(fit_and_calibrate(fresh, val, cfg, train_set=train_set))
     checkpoint.save(fresh, meta, args.out)
     (args.out.parent / "heads-history.json").write_text(json.dumps(history, indent=2) + "\n")
     print(f"checkpoint with refitted heads written to {args.out}")

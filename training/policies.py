@@ -158,14 +158,17 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
                    epochs: int, max_batches: int | None, seed: int, target_accuracy: float | None = None,
                    target_drop: float | None = None, budget: float | None = None, method: str = "naive",
                    delta: float = 0.1, bound: str = "wsr", learned: dict[str, list] | None = None,
-                   use_agreement: bool = False) -> dict:
+                   use_agreement: bool = False, order_on: tuple[list[Tensor], Tensor] | None = None) -> dict:
     """Fit the learned policies (those not given in ``learned``) and calibrate every policy on validation logits.
 
     ``method`` ``naive`` searches the calibration half for the best thresholds; ``ltt`` orders candidate thresholds
     on the fitting half and certifies them on the calibration half, so the target holds on new data with
-    probability >= 1 - ``delta``. Returns ``{"policies": {name: [gate dict per early exit]}, "calibration": {name:
-    how it was calibrated and its outcome on the calibration half}}``. Under ``naive`` the ``cost`` policy keeps its
-    trained decision rule (probability >= 0.5): its trade-off is ``alpha``; ``ltt`` certifies its threshold too.
+    probability >= 1 - ``delta``. With ``order_on`` (the logits and labels of other data the validation split is
+    independent of: the training split's), ``ltt`` orders the candidates there instead, and certifies the statistic
+    policies on the whole validation split, the fitted ones on the half they were not fitted on.
+    Returns ``{"policies": {name: [gate dict per early exit]}, "calibration": {name: how it was calibrated and its
+    outcome on the data it was certified on}}``. Under ``naive`` the ``cost`` policy keeps its trained decision rule
+    (probability >= 0.5): its trade-off is ``alpha``; ``ltt`` certifies its threshold too.
     """
     fit, cal = gate_split(len(labels), seed)
     fit_logits, cal_logits = [lg[fit] for lg in exit_logits], [lg[cal] for lg in exit_logits]
@@ -183,20 +186,27 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
             learned[name] = fitters[name]()
     objective = Objective.from_targets(target_accuracy, target_drop, budget, method)
     policies, calibration = {}, {}
+    ordered_on_train = method == "ltt" and order_on is not None
     for name in POLICIES:
+        # The samples a policy is certified on: never those its gates were fitted on.
+        certify = torch.arange(len(labels)) if ordered_on_train and name not in FITTED else cal
         if name == "cost" and method == "naive":
             # Its trade-off is alpha, fixed at fitting; accuracy targets and budgets do not apply to it.
             gates, info = list(learned["cost"]), {"method": "alpha", "objective": "alpha",
                                                   "target": learned["cost"][0].alpha}
         else:
             family = policy_family(name, learned.get(name), len(exit_logits) - 1)
-            cal_scores = ExitScores.build(cal_logits, labels[cal], family, costs, full_flops)
-            fit_scores = ExitScores.build(fit_logits, labels[fit], family, costs, full_flops)
-            thresholds, info = calibrate_scores(cal_scores, objective, method, delta, bound, path=fit_scores)
+            cal_scores = ExitScores.build([lg[certify] for lg in exit_logits], labels[certify], family, costs,
+                                          full_flops)
+            path_logits, path_labels = order_on if ordered_on_train else (fit_logits, labels[fit])
+            path = ExitScores.build(path_logits, path_labels, family, costs, full_flops)
+            thresholds, info = calibrate_scores(cal_scores, objective, method, delta, bound, path=path)
+            if method == "ltt":
+                info["ordered_on"] = "train" if ordered_on_train else "val"
             gates = to_gates(family, thresholds)
-        outcome = cascade(cal_logits, labels[cal], gates, costs)
+        outcome = cascade([lg[certify] for lg in exit_logits], labels[certify], gates, costs)
         policies[name] = [gate_to_dict(g) for g in gates]
         calibration[name] = {**info, "val_accuracy": outcome["accuracy"], "val_exit_counts": outcome["exit_counts"],
                              "val_flops_fraction": outcome["mean_cost"] / full_flops,
-                             "val_samples": len(cal)}
+                             "val_samples": len(certify)}
     return {"policies": policies, "calibration": calibration}

@@ -130,26 +130,33 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             p.requires_grad_(True)
     model.to(memory_format=torch.contiguous_format)  # what everything after training expects
     model.eval()
-    meta = {**base_meta, **fit_and_calibrate(model, val_set, cfg)}
+    meta = {**base_meta, **fit_and_calibrate(model, val_set, cfg, train_set=train_set)}
     checkpoint.save(model, meta, ckpt)
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return meta
 
 
-def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig,
-                      learned: dict | None = None) -> dict:
+def fit_and_calibrate(model: MultiExitNet, val_set: ImageSet, cfg: TrainConfig, learned: dict | None = None,
+                      train_set: ImageSet | None = None) -> dict:
     """Third stage: fit the learned policies and calibrate every policy on the validation split; the checkpoint
-    metadata keys ``policies``, ``policy`` (active), ``gates`` (the active policy's) and ``calibration``."""
+    metadata keys ``policies``, ``policy`` (active), ``gates`` (the active policy's) and ``calibration``.
+    Certified calibration ordered on the training split (``cfg.calibration_order``) needs ``train_set``."""
     costs, full = cost_table(model)
+    order_on = None
+    if cfg.calibration == "ltt" and cfg.calibration_order == "train":
+        if train_set is None:
+            raise ValueError("calibration ordered on the training split needs the training split")
+        order_on = (collect_logits(model, train_set), train_set.labels)
     built = build_policies(collect_logits(model, val_set), val_set.labels, costs, full, alpha=cfg.alpha,
                            epochs=cfg.epochs_gates, max_batches=cfg.gate_max_batches, seed=cfg.seed,
                            target_accuracy=cfg.target_accuracy, target_drop=cfg.target_drop, budget=cfg.budget_flops,
                            method=cfg.calibration, delta=cfg.delta, bound=cfg.bound, learned=learned,
-                           use_agreement=cfg.gate_agreement)
+                           use_agreement=cfg.gate_agreement, order_on=order_on)
     active = "mlp" if cfg.policy == "both" else cfg.policy
     shown = ("confidence", "mlp") if cfg.policy == "both" else tuple(built["calibration"])
+    where = f", ordered on {len(train_set)} training samples" if order_on is not None else ""
     print(f"[policies] calibrated on {built['calibration'][active]['val_samples']} held-out validation samples "
-          f"({cfg.calibration})")
+          f"({cfg.calibration}{where})")
     for name in shown:
         c = built["calibration"][name]
         print(f"[policies] {name:>10}: validation accuracy {c['val_accuracy']:.4f} at "

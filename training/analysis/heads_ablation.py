@@ -8,9 +8,9 @@ The backbone's features at the exit points are cached once (``training.heads``);
 heads fitted on that cache, so the variants differ only in what is named. ``joint`` is the checkpoint's own heads,
 trained with the backbone. Per variant: every exit's accuracy on the validation split, the cost of leaving at each
 exit (the heads on the way included) as a share of the whole network, the seconds of fitting, and, for the
-``confidence`` and ``margin`` policies, the FLOPs at thresholds certified on validation the way training certifies
-them (LTT, delta 0.1, within 1 point of the final exit; ordered on one half, certified and measured on the other),
-repeated over ``--splits`` random halvings, since one halving alone moves the result by points.
+``confidence`` and ``margin`` policies, the FLOPs at thresholds certified on validation (LTT, delta 0.1, within 1
+point of the final exit; ordered on one half, certified and measured on the other, as ``training.calibrate --order-on
+val`` does), repeated over ``--splits`` random halvings, since one halving alone moves the result by points.
 The test split is not touched. Writes ``DIR/heads_ablation.json`` and ``DIR/heads_ablation.png``.
 """
 from __future__ import annotations
