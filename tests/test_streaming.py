@@ -303,3 +303,36 @@ def test_a_stream_the_next_tier_refused_unread_is_sent_again(errors, calls, fail
         assert scripted.calls == calls
     finally:
         client.close()
+
+
+class _ScriptedUnary:
+    """A stand-in for the ``Infer`` stub that raises the given errors on its first calls, then answers."""
+
+    def __init__(self, errors):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self, request, timeout=None, metadata=None):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return pb.InferReply(request_id="r1", predictions=[pb.Prediction(sample_id=10, label=1, exit_tier="edge")])
+
+
+@pytest.mark.parametrize("errors, calls, fails", [
+    ([REFUSED, REFUSED], 3, False),
+    ([REFUSED] * 4, 4, True),
+    ([_RpcError(grpc.StatusCode.UNAVAILABLE, "Connection reset")], 1, True),
+])
+def test_a_unary_call_the_next_tier_refused_unread_is_sent_again(errors, calls, fails):
+    client = NextTierClient("127.0.0.1:1", timeout_s=5)
+    try:
+        client._infer = scripted = _ScriptedUnary(errors)
+        b = Batch("r1", "m1", [10], torch.zeros(1, 2))
+        if fails:
+            with pytest.raises(DownstreamError, match="UNAVAILABLE"):
+                client(b)
+        else:
+            assert [p.sample_id for p in client(b).answer.predictions] == [10]
+        assert scripted.calls == calls
+    finally:
+        client.close()

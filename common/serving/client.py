@@ -148,13 +148,18 @@ class NextTierClient:
         return DownstreamError(f"the channel to next tier {self.target} is closed (shutting down)", "UNAVAILABLE")
 
     def __call__(self, batch: Batch) -> Forwarded:
-        timeout = self._timeout(batch)
+        self._timeout(batch)  # refuse before paying for encoding
         request, encode_ms = messages.encode_request_timed(batch, self.wire)
-        try:
-            # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
-            reply = self._infer(request, timeout=timeout, metadata=self.metadata)
-        except (grpc.RpcError, ValueError) as e:
-            raise self._failure(e) from None
+        for attempt in range(REFUSED_STREAM_RETRIES + 1):
+            try:
+                # Fail fast (no wait_for_ready): a dead next tier must not hold a worker for the whole timeout.
+                reply = self._infer(request, timeout=self._timeout(batch), metadata=self.metadata)
+                break
+            except grpc.RpcError as e:
+                if attempt == REFUSED_STREAM_RETRIES or not _refused(e):  # refused unread: safe to send again
+                    raise self._failure(e) from None
+            except ValueError as e:
+                raise self._failure(e) from None
         size = len(request)
         link_ms = emulate_link(self.link, size, reply.ByteSize())
         return Forwarded(messages.answer_from_reply(reply), size, encode_ms, link_ms)
