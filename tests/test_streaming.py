@@ -285,26 +285,6 @@ class _ScriptedStream:
 REFUSED = _RpcError(grpc.StatusCode.UNAVAILABLE, "Stream removed (RST_STREAM (Received RST_STREAM with error code 7))")
 
 
-@pytest.mark.parametrize("errors, calls, fails", [
-    ([REFUSED, REFUSED], 3, False),  # refused unread: sent again
-    ([REFUSED] * 4, 4, True),  # but not for ever
-    ([_RpcError(grpc.StatusCode.UNAVAILABLE, "Connection reset")], 1, True),  # may have been read: not again
-])
-def test_a_stream_the_next_tier_refused_unread_is_sent_again(errors, calls, fails):
-    client = NextTierClient("127.0.0.1:1", timeout_s=5)
-    try:
-        client._infer_stream = scripted = _ScriptedStream(errors)
-        b = Batch("r1", "m1", [10], torch.zeros(1, 2))
-        if fails:
-            with pytest.raises(DownstreamError, match="UNAVAILABLE"):
-                list(client.stream(b))
-        else:
-            assert [p.sample_id for part in client.stream(b) for p in part.answer.predictions] == [10]
-        assert scripted.calls == calls
-    finally:
-        client.close()
-
-
 class _ScriptedUnary:
     """A stand-in for the ``Infer`` stub that raises the given errors on its first calls, then answers."""
 
@@ -319,20 +299,30 @@ class _ScriptedUnary:
 
 
 @pytest.mark.parametrize("errors, calls, fails", [
-    ([REFUSED, REFUSED], 3, False),
-    ([REFUSED] * 4, 4, True),
-    ([_RpcError(grpc.StatusCode.UNAVAILABLE, "Connection reset")], 1, True),
+    ([REFUSED, REFUSED], 3, False),  # refused unread: sent again
+    ([REFUSED] * 4, 4, True),  # but not for ever
+    ([_RpcError(grpc.StatusCode.UNAVAILABLE, "Connection reset")], 1, True),  # may have been read: not again
 ])
-def test_a_unary_call_the_next_tier_refused_unread_is_sent_again(errors, calls, fails):
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_call_the_next_tier_refused_unread_is_sent_again(errors, calls, fails, streamed):
     client = NextTierClient("127.0.0.1:1", timeout_s=5)
     try:
-        client._infer = scripted = _ScriptedUnary(errors)
+        scripted = (_ScriptedStream if streamed else _ScriptedUnary)(errors)
+        if streamed:
+            client._infer_stream = scripted
+        else:
+            client._infer = scripted
         b = Batch("r1", "m1", [10], torch.zeros(1, 2))
+
+        def answered():
+            parts = list(client.stream(b)) if streamed else [client(b)]
+            return [p.sample_id for part in parts for p in part.answer.predictions]
+
         if fails:
             with pytest.raises(DownstreamError, match="UNAVAILABLE"):
-                client(b)
+                answered()
         else:
-            assert [p.sample_id for p in client(b).answer.predictions] == [10]
+            assert answered() == [10]
         assert scripted.calls == calls
     finally:
         client.close()
