@@ -79,6 +79,11 @@ def test_command_writes_a_calibrated_checkpoint_with_the_new_heads(tiny_run, tmp
     calibration = checkpoint.load(out)[1]["calibration"]["confidence"]
     assert calibration["target"] == 2 and calibration["ordered_on"] == "val"
     assert main(["--checkpoint", str(out), "--out", str(tmp_path / "again.safetensors"), "--epochs", "1"]) == 0
+    # A checkpoint refitted by an older version kept its refit record in the config: still re-calibrated.
+    model, meta = checkpoint.load(out)
+    meta["config"].update(heads_epochs=6, heads_views=2)
+    checkpoint.save(model, meta, out)
+    assert calibrate_main(["--checkpoint", str(out), "--target-drop", "2", "--order-on", "val"]) == 0
 
 
 def test_command_refuses_bad_values_in_one_line(tiny_run, tmp_path):

@@ -496,19 +496,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     model, meta = checkpoint.load(args.checkpoint)
-    saved = dict(meta["config"])
-    saved.update(target_accuracy=args.target_accuracy, target_drop=args.target_drop, budget_flops=args.budget_flops)
-    if args.policy:
-        saved["policy"] = args.policy
-    if args.data:
-        saved["data"] = args.data
-    for key in ("method", "delta", "bound", "gate_agreement", "calibration_order"):
-        if getattr(args, key) is not None:
-            saved["calibration" if key == "method" else key] = getattr(args, key)
-    try:
-        cfg = TrainConfig(**saved)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot re-calibrate with these settings: {e}") from None
+    # The targets are the command's (none: the default objective), not the ones the checkpoint was calibrated to.
+    saved = {**meta["config"], "target_accuracy": args.target_accuracy, "target_drop": args.target_drop,
+             "budget_flops": args.budget_flops}
+    cfg = TrainConfig.from_checkpoint(saved, "re-calibrate", policy=args.policy, data=args.data,
+                                      calibration=args.method, delta=args.delta, bound=args.bound,
+                                      gate_agreement=args.gate_agreement, calibration_order=args.calibration_order)
     stored = {} if args.refit else (meta.get("policies") or {})
     # Keep the fitted gates the checkpoint has; only their thresholds are re-calibrated.
     learned = {k: [gate_from_dict(g).with_threshold(0.5) for g in stored[k]] for k in FITTED if k in stored}

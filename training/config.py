@@ -21,6 +21,10 @@ def check_targets(target_accuracy: float | None, target_drop: float | None, budg
         raise ConfigError(f"target_accuracy (--target-accuracy) must lie in (0, 1], got {target_accuracy}")
 
 
+# Written into checkpoints' configs by training.heads before it kept its record apart (meta["heads"]).
+_NOT_SETTINGS = ("heads_epochs", "heads_views")
+
+
 def _h(text: str):
     return field(default=None, metadata={"help": text})
 
@@ -92,6 +96,18 @@ class TrainConfig:
         "help": "ltt: where candidate thresholds are put in order: train (the training split's exit outputs; the "
                 "statistic policies are then certified on the whole validation split, the fitted ones on the half "
                 "they were not fitted on) or val (one half of the validation split, certified on the other)"})
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, purpose: str, **changes) -> "TrainConfig":
+        """The config a checkpoint was trained with (its metadata's ``config``) with the ``changes`` that are not
+        None; ``ConfigError`` ("cannot <purpose> with these settings: ...") when that is not a valid config. Keys an
+        older version wrote there that are not settings (``_NOT_SETTINGS``) are left out."""
+        values = {k: v for k, v in saved.items() if k not in _NOT_SETTINGS}
+        values.update({k: v for k, v in changes.items() if v is not None})
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot {purpose} with these settings: {e}") from None
 
     def load_split(self, split: str):
         """The ``train`` or ``val`` split of this config's data, held out exactly as training held it out (same

@@ -182,14 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     model, meta = checkpoint.load(args.checkpoint)
-    saved = dict(meta["config"])
-    for key in ("distill", "lr", "data"):
-        if getattr(args, key) is not None:
-            saved[key] = getattr(args, key)
-    try:
-        cfg = TrainConfig(**saved)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot refit heads with these settings: {e}") from None
+    cfg = TrainConfig.from_checkpoint(meta["config"], "refit heads", distill=args.distill, lr=args.lr, data=args.data)
     head = model.spec.exit_head
     if args.exit_conv_channels is not None and args.exit_conv_channels < 0:
         raise ConfigError(f"--exit-conv-channels must be >= 0, got {args.exit_conv_channels}")

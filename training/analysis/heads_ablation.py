@@ -77,7 +77,7 @@ def certified_flops(logits: list[torch.Tensor], labels: torch.Tensor, costs: lis
 def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, splits: int = 20,
            log=print) -> dict:
     model, meta = checkpoint.load(checkpoint_path)
-    cfg = TrainConfig(**meta["config"])
+    cfg = TrainConfig.from_checkpoint(meta["config"], "run the heads ablation")
     train_set, val = cfg.load_split("train"), cfg.load_split("val")
     # The draws training.heads makes: the cache first, then every variant starts from the generator's state after it
     # and from the same initial weights, so ``refit`` is exactly what ``training.heads`` writes.
