@@ -90,9 +90,11 @@ def test_uncalibrated_checkpoint_is_refused_until_calibrated(tiny_run, tmp_path)
     checkpoint.save(model, {**meta, "gates": None, "progress": {"stage": "joint", "epoch": 1}}, path)
     with pytest.raises(ConfigError, match="not calibrated"):
         export(path, tmp_path / "bundle")
-    assert calibrate.main(["--checkpoint", str(path), "--target-accuracy", "0.5", "--policy", "entropy"]) == 0
+    # An accuracy target ten points under the final exit's: certifiable whatever accuracy this host's run reached.
+    target = round(meta["calibration"]["entropy"]["final_accuracy"] - 0.1, 2)
+    assert calibrate.main(["--checkpoint", str(path), "--target-accuracy", str(target), "--policy", "entropy"]) == 0
     _, meta2 = checkpoint.load(path)
-    assert meta2["policy"] == "entropy" and meta2["calibration"]["entropy"]["target"] == 0.5
+    assert meta2["policy"] == "entropy" and meta2["calibration"]["entropy"]["target"] == target
     assert all(g["kind"] in ("entropy", "never") for g in meta2["gates"])
     # The learned gates were kept: only thresholds are re-calibrated.
     assert [g["weights"] for g in meta2["policies"]["mlp"]] == [g["weights"] for g in meta["policies"]["mlp"]]
