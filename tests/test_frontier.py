@@ -62,10 +62,11 @@ def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
     from common.errors import ConfigError
 
     assert frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic", "--split", "test", "--limit", "192",
-                          "--points", "6", "--calibrate-on", "val", "--out", str(tmp_path)]) == 0
+                          "--points", "6", "--calibrate-on", "val", "--probe-on", "train", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "frontier.json").read_text())
-    assert result["calibration_samples"] == 192
-    for name in ("confidence", "entropy", "margin", "mlp", "ensemble"):
+    assert result["calibration_samples"] == 192 and result["probe_samples"] == 192
+    assert "probe" in result["at_drop"] and "probe" not in result["stored"]  # a reference, not a stored policy
+    for name in ("confidence", "entropy", "margin", "mlp", "ensemble", "probe"):
         pe = result["policies"][name]["per_exit"]
         assert sorted(p["parameter"] for p in pe) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
         assert all(sum(p["exits"].values()) == 192 for p in pe)
@@ -93,6 +94,9 @@ def test_per_exit_sweep_calibrates_on_another_split(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="another split"):
         frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic:test", "--calibrate-on", "val",
                        "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="a split of its own"):
+        frontier.main(["--bundle", str(tiny_bundle), "--data", "synthetic", "--split", "test", "--calibrate-on", "val",
+                       "--probe-on", "val", "--out", str(tmp_path)])
 
 
 def test_oracles_on_a_known_cascade():

@@ -9,7 +9,9 @@ over its range, plus the bundle's own calibrated gates. With ``--calibrate-on va
 with per-exit thresholds set on the validation split: the way the seed projects do it, to desired accuracies from
 0.5 to 1 (``per_exit`` in the JSON; dashed in the plot for ``confidence``, ``mlp`` and ``ensemble``), and priced at
 every exchange rate between FLOPs and answers lost, the candidates calibration certifies (``priced``; dotted for
-``confidence`` and ``ensemble``). Each segment's compute time is measured during the pass, so every point also
+``confidence`` and ``ensemble``). With ``--probe-on train`` the frontier also has a ``probe`` policy: a gate
+reading every statistic of the exits so far, fitted on that split (``training.analysis.gate_probe``), a reference
+for how much any gate could gain over ``confidence`` on this model. Each segment's compute time is measured during the pass, so every point also
 has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
 included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
 against latency, one line per policy, the final exit's accuracy as a reference line, and two oracle gates that
@@ -43,6 +45,7 @@ from common.model.gates import ConstantGate, Gate, gate_to_dict
 from common.emulation.chain import all_exit_logits, bundle_costs, exit_names, exit_seconds
 from training.calibrate import (PRICES, ExitScores, Thresholdable, bundle_families, cascade, cascade_thresholds,
                                 history_at, priced_thresholds, to_gates)
+from training.analysis.gate_probe import probe_family
 from training.policies import fit_cost_gates
 from common.data.datasets import load, parse_spec
 
@@ -156,14 +159,16 @@ def cost_curve(cached: Cached, calib_logits: list[torch.Tensor], calib_labels: t
 
 def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, points: int = 41,
              calib: tuple[torch.Tensor, torch.Tensor] | None = None,
-             cost_alphas: tuple[float, ...] = COST_ALPHAS) -> dict:
+             cost_alphas: tuple[float, ...] = COST_ALPHAS,
+             probe: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """The frontier of every thresholded policy and of the bundle's calibrated gates on ``images``.
 
     With ``calib`` (images and labels of other data, e.g. the validation split), every policy also gets a
     ``per_exit`` sweep: per-exit thresholds calibrated there to a range of desired accuracies, measured here; a
     ``priced`` sweep: the thresholds priced there at every exchange rate between FLOPs and answers lost (the
     candidates calibration certifies), measured here; and the ``cost`` policy a ``curve``: its gates refitted there
-    for every alpha of ``cost_alphas``.
+    for every alpha of ``cost_alphas``. With ``probe`` (images and labels of a third split, e.g. the training split),
+    the ``probe`` gates are fitted there and swept like every policy.
     """
     bundles = [load_tier_bundle(f) for f in find_tier_folders(bundle_root)]
     tiers = exit_names(bundles)
@@ -178,6 +183,8 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
     families = bundle_families(bundles)
     # The fitted cost gates are one point (their trade-off was fixed by alpha), not a sweep.
     cost_stored = families.pop("cost", None) is not None
+    if probe is not None:
+        families["probe"] = probe_family(all_exit_logits(bundles, probe[0]), probe[1])
     policies = {kind: {"points": sweep(cached, family, points)} for kind, family in families.items()}
     calib_logits = all_exit_logits(bundles, calib[0]) if calib is not None else None
     if calib_logits is not None:
@@ -211,6 +218,7 @@ def frontier(bundle_root: Path, images: torch.Tensor, labels: torch.Tensor, poin
         "oracles": oracles(cached),
         "compute_ms_to_exit": dict(zip(tiers, cached.ms_to_exit)),
         "calibration_samples": None if calib is None else len(calib[1]),
+        "probe_samples": None if probe is None else len(probe[1]),
         "forward_seconds": forward_s,
     }
 
@@ -243,7 +251,7 @@ def plot(result: dict, path: Path) -> None:
                 pe = policy["per_exit"]
                 ax.plot([p[key] for p in pe], [p["accuracy"] for p in pe], linestyle="--", marker="x",
                         color=line.get_color(), label=f"{kind}, per-exit thresholds for a desired accuracy")
-            if policy.get("priced") and kind in ("confidence", "ensemble"):
+            if policy.get("priced") and kind in ("confidence", "ensemble", "probe"):
                 pr = policy["priced"]
                 ax.plot([p[key] for p in pr], [p["accuracy"] for p in pr], linestyle=":", marker="+",
                         color=line.get_color(), label=f"{kind}, thresholds priced on the calibration split")
@@ -258,7 +266,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
     axes[1].set_title("accuracy against latency (segments' compute, no links)")
-    axes[2].legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize=7)  # beside, not over, the curves
+    axes[2].legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize=6.5)  # beside, not over, the curves
     for d in DROPS:
         axes[0].axhline(result["final_accuracy"] - d / 100, color="grey", linestyle=":", linewidth=0.8)
     reach = result["at_drop"]
@@ -268,7 +276,7 @@ def plot(result: dict, path: Path) -> None:
     axes[2].axis("off")
     if rows:
         table = axes[2].table(cellText=rows, colLabels=["policy"] + [f"<= {d} pt" for d in drops], loc="top",
-                              bbox=[0, 0.62, 1, 0.36])
+                              bbox=[0, 0.66, 1, 0.32])
         table.auto_set_font_size(False)
         table.set_fontsize(8)
     axes[2].set_title("least FLOPs within a drop of the final exit\n(dotted lines; points picked on this data)",
@@ -289,6 +297,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-alphas", type=_alphas, default=COST_ALPHAS, metavar="A,B,...",
                    help="with --calibrate-on: the alphas the cost policy's gates are refitted for (default "
                         f"{','.join(map(str, COST_ALPHAS))}; empty = none)")
+    p.add_argument("--probe-on", default=None, metavar="SPLIT",
+                   help="also fit and sweep the probe gate (reads every statistic of the exits so far) on this split "
+                        "of the data, e.g. train: how much any gate could gain over confidence on this model")
     p.add_argument("--out", type=Path, required=True, help="folder for frontier.json and frontier.png")
     return p
 
@@ -314,7 +325,14 @@ def main(argv: list[str] | None = None) -> int:
                               "e.g. --data synthetic --split test --calibrate-on val")
         held_out = load(args.data, args.calibrate_on, limit=args.limit)
         calib = (held_out.images, held_out.labels)
-    result = frontier(args.bundle, data.images, data.labels, args.points, calib, args.cost_alphas)
+    probe = None
+    if args.probe_on:
+        if parse_spec(args.data).split is not None or args.probe_on in (args.split, args.calibrate_on):
+            raise ConfigError("--probe-on needs a data spec without a split and a split of its own, e.g. --data "
+                              "cifar10 --split test --calibrate-on val --probe-on train")
+        fit_on = load(args.data, args.probe_on, limit=args.limit)
+        probe = (fit_on.images, fit_on.labels)
+    result = frontier(args.bundle, data.images, data.labels, args.points, calib, args.cost_alphas, probe)
     result["data"] = args.data
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
