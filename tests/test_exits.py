@@ -71,3 +71,25 @@ def test_the_cost_table_of_a_cascade_model_counts_its_wider_linear_layers():
     # leaving at the final exit runs every stage and every head: the whole forward, counted independently
     assert costs[-1] == count_flops(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8)) and full < costs[-1]
     assert costs[0] == plain[0] and costs[1] - plain[1] == 2 * 49 and costs[2] - plain[2] == 2 * 2 * 49
+
+
+def test_deeper_heads_stack_unstrided_convs_and_cost_what_they_add():
+    from common.errors import ConfigError
+    from common.model.split import cost_table
+
+    deep = ModelSpec(**{**spec(False).__dict__, "exit_head": ExitHeadSpec(conv_channels=4, conv_stride=2,
+                                                                            conv_layers=2)})
+    model = MultiExitNet(deep)
+    convs = [m for m in model.exits[0] if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1)] and convs[1].in_channels == 4
+    assert [tuple(o.shape) for o in model(images())] == [(3, 7)] * 4
+    # Every early exit pays for the second conv (and its BN): 3x3x4x4 multiply-adds per output position, at least.
+    shallow, _ = cost_table(MultiExitNet(spec(False)))
+    costs, _ = cost_table(model)
+    assert all(d > s for d, s in zip(costs[:-1], shallow[:-1]))
+    assert ModelSpec.from_dict(deep.to_dict()) == deep
+    old = deep.to_dict()
+    del old["exit_head"]["conv_layers"]  # a bundle written before heads could be deeper: one conv
+    assert ModelSpec.from_dict(old) == spec(False)
+    with pytest.raises(ConfigError, match="conv_layers >= 1"):
+        ExitHeadSpec(conv_channels=4, conv_layers=0)

@@ -66,9 +66,10 @@ def test_command_writes_a_calibrated_checkpoint_with_the_new_heads(tiny_run, tmp
 
     out = tmp_path / "refit.safetensors"
     assert main(["--checkpoint", str(tiny_run), "--out", str(out), "--epochs", "1",
-                 "--exit-conv-channels", "4"]) == 0
+                 "--exit-conv-channels", "4", "--exit-conv-layers", "2"]) == 0
     model, meta = checkpoint.load(out)
     assert model.spec.exit_head.conv_channels == 4 and meta["config"]["exit_conv_channels"] == 4
+    assert model.spec.exit_head.conv_layers == 2 and meta["config"]["exit_conv_layers"] == 2
     assert meta["heads"]["epochs"] == 1 and set(meta["policies"]) >= {"confidence", "ensemble"}
     assert meta["calibration"]["confidence"]["ordered_on"] == "train"  # by default, on the training split
     assert "validation exit accuracy" in capsys.readouterr().out

@@ -51,6 +51,8 @@ class TrainConfig:
     exit_conv_channels: int = field(default=0, metadata={"help": "channels of a 3x3 conv in the exit heads (0 = "
                                                                  "none: global pool + linear)"})
     exit_conv_stride: int = field(default=2, metadata={"help": "stride of the exit heads' conv"})
+    exit_conv_layers: int = field(default=1, metadata={
+        "help": "conv layers in the exit heads (the first strided, the others not)"})
     cascade: bool = field(default=False, metadata={
         "help": "every early exit head but the first also reads the previous early exit's logits (detached)"})
     bottleneck_channels: int = field(default=0, metadata={
@@ -138,6 +140,9 @@ class TrainConfig:
         if self.bottleneck_channels < 0 or self.bottleneck_stride < 1:
             raise ValueError("bottleneck_channels must be >= 0 and bottleneck_stride >= 1, got "
                              f"{self.bottleneck_channels} and {self.bottleneck_stride}")
+        if self.exit_conv_channels < 0 or self.exit_conv_stride < 1 or self.exit_conv_layers < 1:
+            raise ValueError("exit_conv_channels must be >= 0, exit_conv_stride and exit_conv_layers >= 1, got "
+                             f"{self.exit_conv_channels}, {self.exit_conv_stride} and {self.exit_conv_layers}")
         if self.mode not in ("joint", "staged"):
             raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
         if self.augment not in ("auto", "none", "crop_flip"):

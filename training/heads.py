@@ -1,6 +1,7 @@
 """Exit heads refitted on a frozen backbone from cached features.
 
-``python -m training.heads --checkpoint IN --out OUT [--epochs 12] [--views 2] [--exit-conv-channels C] ...``
+``python -m training.heads --checkpoint IN --out OUT [--epochs 12] [--views 2] [--exit-conv-channels C]
+[--exit-conv-layers L] ...``
 
 One forward pass of the backbone over the training split (and ``views - 1`` randomly cropped and flipped copies)
 stores what every exit head reads, in float16, with the final exit's logits as the distillation teacher. The heads
@@ -170,6 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="new heads' conv channels (default: the checkpoint's; 0 = pool + linear)")
     p.add_argument("--exit-conv-stride", type=positive_int, default=None,
                    help="new heads' conv stride (default: the checkpoint's)")
+    p.add_argument("--exit-conv-layers", type=positive_int, default=None,
+                   help="new heads' conv layers, the first strided (default: the checkpoint's)")
     p.add_argument("--distill", type=float, default=None,
                    help="distillation temperature (default: the checkpoint's training config; 0 = none)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the training config's)")
@@ -187,14 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_conv_channels is not None and args.exit_conv_channels < 0:
         raise ConfigError(f"--exit-conv-channels must be >= 0, got {args.exit_conv_channels}")
     head = ExitHeadSpec(head.conv_channels if args.exit_conv_channels is None else args.exit_conv_channels,
-                        head.conv_stride if args.exit_conv_stride is None else args.exit_conv_stride)
+                        head.conv_stride if args.exit_conv_stride is None else args.exit_conv_stride,
+                        head.conv_layers if args.exit_conv_layers is None else args.exit_conv_layers)
     train_set, val = cfg.load_split("train"), cfg.load_split("val")
     fresh, history = refit_heads(model, train_set, cfg, epochs=args.epochs, views=args.views, exit_head=head)
     accuracy = evaluate(fresh, val)["exit_accuracy"]
     print(f"[heads] validation exit accuracy {[round(a, 4) for a in accuracy]}")
     # The config stays a TrainConfig (training.calibrate and a second refit rebuild one from it); how the heads were
     # refitted is recorded beside it.
-    meta["config"] = {**meta["config"], "exit_conv_channels": head.conv_channels, "exit_conv_stride": head.conv_stride}
+    meta["config"] = {**meta["config"], "exit_conv_channels": head.conv_channels, "exit_conv_stride": head.conv_stride,
+                      "exit_conv_layers": head.conv_layers}
     meta["heads"] = {"epochs": args.epochs, "views": args.views, "distill": cfg.distill, "lr": cfg.lr}
     meta.update(fit_and_calibrate(fresh, val, cfg, train_set=train_set))
     checkpoint.save(fresh, meta, args.out)

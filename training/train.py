@@ -46,7 +46,8 @@ def build_model(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, int,
     spec = ModelSpec(
         architecture=cfg.architecture, num_classes=num_classes, width=cfg.width, input_shape=input_shape,
         exit_points=tuple(cfg.exit_points), mean=mean, std=std,
-        exit_head=ExitHeadSpec(conv_channels=cfg.exit_conv_channels, conv_stride=cfg.exit_conv_stride),
+        exit_head=ExitHeadSpec(conv_channels=cfg.exit_conv_channels, conv_stride=cfg.exit_conv_stride,
+                               conv_layers=cfg.exit_conv_layers),
         bottleneck=BottleneckSpec(channels=cfg.bottleneck_channels, stride=cfg.bottleneck_stride),
         cascade=cfg.cascade,
     )

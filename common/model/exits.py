@@ -33,20 +33,28 @@ class _FlatRecord:
 
 @dataclass(frozen=True)
 class ExitHeadSpec(_FlatRecord):
-    """How an exit head is built: ``conv_channels`` 3x3 conv + BN + ReLU (0 = none), global pool, linear."""
+    """How an exit head is built: ``conv_layers`` blocks of ``conv_channels`` 3x3 conv + BN + ReLU (the first with
+    ``conv_stride``, the others stride 1; ``conv_channels`` 0 = none), global pool, linear."""
 
     WHAT = "exit head"
     conv_channels: int = 0
     conv_stride: int = 1
+    conv_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.conv_channels < 0 or self.conv_stride < 1 or self.conv_layers < 1:
+            raise ConfigError("an exit head needs conv_channels >= 0, conv_stride >= 1 and conv_layers >= 1, got "
+                              f"{self.conv_channels}, {self.conv_stride} and {self.conv_layers}")
 
 
 def build_exit_head(feature_shape: tuple[int, ...], num_classes: int, spec: ExitHeadSpec) -> nn.Module:
     """A BranchyNet-style side classifier for features of per-sample shape ``(C, H, W)``."""
     channels = feature_shape[0]
     layers: list[nn.Module] = []
-    if spec.conv_channels > 0:
+    for k in range(spec.conv_layers if spec.conv_channels > 0 else 0):
         layers += [
-            nn.Conv2d(channels, spec.conv_channels, 3, stride=spec.conv_stride, padding=1, bias=False),
+            nn.Conv2d(channels, spec.conv_channels, 3, stride=spec.conv_stride if k == 0 else 1, padding=1,
+                      bias=False),
             nn.BatchNorm2d(spec.conv_channels),
             nn.ReLU(inplace=True),
         ]

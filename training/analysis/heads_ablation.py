@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "pool_linear": {"conv_channels": 0},
     "conv32": {"conv_channels": 32},
     "conv64": {"conv_channels": 64},
+    "deeper": {"conv_layers": 2},
     "no_cascade": {"cascade": False},
     "no_distill": {"distill": 0.0},
     "distill_t1": {"distill": 1.0},
@@ -92,7 +93,8 @@ def ablate(checkpoint_path: Path, variants: list[str], epochs: int, views: int, 
             candidate, seconds = model, None
         else:
             head = model.spec.exit_head
-            head = ExitHeadSpec(change.get("conv_channels", head.conv_channels), head.conv_stride)
+            head = ExitHeadSpec(change.get("conv_channels", head.conv_channels), head.conv_stride,
+                                change.get("conv_layers", head.conv_layers))
             torch.manual_seed(cfg.seed + 2)
             candidate = with_new_heads(model, head, cascade=change.get("cascade"))
             gen.set_state(after_cache)
