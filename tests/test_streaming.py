@@ -326,3 +326,110 @@ def test_a_call_the_next_tier_refused_unread_is_sent_again(errors, calls, fails,
         assert scripted.calls == calls
     finally:
         client.close()
+
+
+class Logged(torch.nn.Module):
+    """A stage that notes in ``log`` that it ran, then multiplies by ``k``."""
+
+    def __init__(self, name: str, log: list, k: float = 1.0):
+        super().__init__()
+        self.name, self.log, self.k = name, log, k
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return x * self.k
+
+
+def _two_exits(log: list, k1: float = 1.0):
+    """Two exits in one tier, reading the first feature: stage 0 (+1, logged), exit 0 sure above 3; stage 1 (+2,
+    then x k1, logged), exit 1 sure above 4."""
+    from common.model.split import Segment
+    from tests.test_runtime import Add, SureAbove
+
+    return Segment([[Add(1), Logged("stage 0", log)], [Add(2), Logged("stage 1", log, k1)]],
+                   [SureAbove(3), SureAbove(4)])
+
+
+def test_a_tier_with_two_exits_streams_the_first_exits_answers_before_the_second_runs():
+    from tests.test_runtime import two_exit_spec
+
+    log: list[str] = []
+    rt = TierRuntime(two_exit_spec(), _two_exits(log), ConfidenceGate(0.9), forward_stream=StreamingNext())
+    b = batch([[5, 0], [0, 0], [1.5, 0]])  # stage 0: 6 (exit 0), 1, 2.5; stage 1: 3 (sent on), 4.5 (exit 1)
+    parts = rt.stream(b, bytes_received=50)
+    first = next(parts)
+    assert log == ["stage 0"]  # the easy sample is out before the second exit's stage has run
+    assert [(p.sample_id, p.exit_index) for p in first.predictions] == [(10, 0)] and first.trace == []
+    rest = list(parts)
+    assert log == ["stage 0", "stage 1"]
+    assert [(p.sample_id, p.exit_index) for p in rest[0].predictions] == [(12, 1)]
+    hop = rest[0].trace[0]  # this tier's hop rides on its last answers, its computation complete
+    assert (hop.tier, hop.samples_in, hop.samples_exited, hop.bytes_received) == ("device", 3, 2, 50)
+    assert hop.flops == 10.0 * 3 + 20.0 * 2 + 5.0 * 1 and hop.compute_ms > 0
+    unary = TierRuntime(two_exit_spec(), _two_exits([]), ConfidenceGate(0.9), FakeNext()).process(b, 50)
+    merged = merge_answers(b.request_id, b.sample_ids, [first, *rest])
+    assert [(p.sample_id, p.exit_tier, p.exit_index) for p in merged.predictions] == [
+        (p.sample_id, p.exit_tier if p.exit_tier == "device" else "edge", p.exit_index if p.exit_tier == "device"
+         else 1) for p in unary.predictions]
+    assert (merged.trace[0].samples_exited, merged.trace[0].flops) == (unary.trace[0].samples_exited,
+                                                                       unary.trace[0].flops)
+
+
+def test_values_overflowing_a_later_exit_refuse_the_request_after_the_earlier_answers():
+    from common.errors import InvalidRequest
+    from tests.test_runtime import two_exit_spec
+
+    nxt = StreamingNext()
+    rt = TierRuntime(two_exit_spec(), _two_exits([], k1=1e36), ConfidenceGate(0.9), forward_stream=nxt)
+    b = batch([[5, 0], [5, 0], [-10, 1e3]])  # rows 0 and 1 leave at exit 0; row 2's second value overflows stage 1
+    parts = rt.stream(b)
+    assert [p.sample_id for p in next(parts).predictions] == [10, 11]
+    with pytest.raises(InvalidRequest, match="out of range"):
+        next(parts)
+    assert nxt.calls == []  # nothing was forwarded
+    with pytest.raises(InvalidRequest, match="out of range"):  # unary: refused whole, no answers
+        TierRuntime(two_exit_spec(), _two_exits([], k1=1e36), ConfidenceGate(0.9), FakeNext()).process(b)
+
+
+def test_with_batching_a_request_overflowing_a_later_exit_fails_alone_and_nothing_is_answered_twice():
+    """Two streaming callers share a merged batch in a two-exit tier; the second's last row overflows stage 1 after
+    both callers' easy rows were answered at exit 0. The first still gets each of its samples exactly once."""
+    from common.errors import InvalidRequest
+    from tests.test_runtime import two_exit_spec
+
+    rt = TierRuntime(two_exit_spec(max_batch=16), _two_exits([], k1=1e36), ConfidenceGate(0.9),
+                     forward_stream=StreamingNext())
+    runs: list[int] = []  # the sample count of every batch the runtime is given
+    run = rt.stream_validated
+    rt.stream_validated = lambda b, size=0: (runs.append(len(b.sample_ids)), run(b, size))[1]
+    batcher = DynamicBatcher(rt, max_batch=4, max_delay_s=1.0, workers=1)
+    good = Batch("good", "m1", [0, 1], torch.tensor([[5.0, 0.0], [-10.0, 0.0]]))  # exit 0; sent on, finite
+    bad = Batch("bad", "m1", [0, 1], torch.tensor([[5.0, 0.0], [-10.0, 1e3]]))  # exit 0; overflows stage 1
+    results: dict[str, list] = {}
+
+    def caller(b: Batch) -> None:
+        parts = []
+        try:
+            for part in batcher.stream(b):
+                parts.append(part)
+        except InvalidRequest as e:
+            parts.append(e)
+        results[b.request_id] = parts
+
+    threads = [threading.Thread(target=caller, args=(b,)) for b in (good, bad)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        batcher.close()
+    assert runs == [4, 2, 2]  # merged, then each on its own once the merged batch was refused
+    ok = results["good"]
+    assert not any(isinstance(p, Exception) for p in ok)
+    merged = merge_answers("good", [0, 1], ok)  # raises on a sample answered twice or never
+    assert [(p.sample_id, p.exit_tier) for p in merged.predictions] == [(0, "device"), (1, "edge")]
+    refused = results["bad"]
+    assert isinstance(refused[-1], InvalidRequest) and "out of range" in str(refused[-1])
+    answered = [p.sample_id for part in refused[:-1] for p in part.predictions]
+    assert answered == [0]  # its easy row, once

@@ -202,11 +202,10 @@ class DynamicBatcher:
                         collected.append(part)
                         self._route(part, group, offsets)
                 except InvalidRequest:
-                    if collected:
-                        raise
-                    # Some part's values overflow the segment (refused before anything is answered): find whose,
-                    # fail only that one.
-                    self._run_apart(group, queued)
+                    # Some part's values overflow the segment: find whose, fail only that one. Answers an earlier
+                    # exit of this tier already streamed stand (a tier with several exits), and are not sent again.
+                    streamed = {pred.sample_id for part in collected for pred in part.predictions}
+                    self._run_apart(group, queued, streamed, offsets)
                     return
                 self._ran(n)
                 answer = merge_answers(merged.request_id, merged.sample_ids, collected)
@@ -238,22 +237,35 @@ class DynamicBatcher:
         for k, preds in mine.items():
             group[k].parts.put(Answer(group[k].batch.request_id, preds, []))
 
-    def _run_one(self, p: _Pending, queued: float) -> None:
-        """Run one caller's batch on its own (validated on arrival): merged for a unary caller, streamed otherwise."""
+    def _run_one(self, p: _Pending, queued: float, sent: frozenset = frozenset()) -> None:
+        """Run one caller's batch on its own (validated on arrival): merged for a unary caller, streamed otherwise,
+        leaving out the predictions of the caller's samples in ``sent`` (its ids: answers it already has)."""
         p.batch.queued_s = queued
         parts = self.runtime.stream_validated(p.batch, p.bytes_received)
         if p.parts is None:
             p.answer = merge_answers(p.batch.request_id, p.batch.sample_ids, parts)
         else:
             for part in parts:
+                if sent:
+                    part = Answer(part.request_id, [q for q in part.predictions if q.sample_id not in sent],
+                                  part.trace)
+                    if not part.predictions and not part.trace:
+                        continue
                 p.parts.put(part)
         self._ran(len(p.batch.sample_ids))
 
-    def _run_apart(self, group: list[_Pending], queued: float) -> None:
-        """Run each request of a merged batch that failed on its own, so one bad request never fails the others."""
-        for p in group:
+    def _run_apart(self, group: list[_Pending], queued: float, streamed: set[int] = frozenset(),
+                   offsets: list[int] | None = None) -> None:
+        """Run each request of a merged batch that failed on its own, so one bad request never fails the others.
+        ``streamed``: merged ids whose predictions already went to their (streaming) callers; those callers' runs
+        leave them out, so every sample is answered once (their trace is the run's own)."""
+        for k, p in enumerate(group):
+            sent = frozenset()
+            if streamed and p.parts is not None:
+                ids = p.batch.sample_ids
+                sent = frozenset(ids[m - offsets[k]] for m in streamed if offsets[k] <= m < offsets[k] + len(ids))
             try:
-                self._run_one(p, queued)
+                self._run_one(p, queued, sent)
             except BaseException as e:
                 p.error = e
                 if p.parts is not None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -197,71 +198,96 @@ class TierRuntime:
             return self.forward_stream(onward)
         return iter((self.forward(onward),))
 
-    def _run_exits(self, batch: Batch) -> tuple[list[Prediction], _Onward | None, float]:
-        """Run this tier's exits one after the other, each on the samples no earlier exit took: the predictions of
-        the samples they answer, what goes on to the next tier (``None`` when nothing does), and the FLOPs spent."""
+    @contextmanager
+    def _computing(self, hop: Hop) -> Iterator[None]:
+        """A piece of this tier's computation: in inference mode, its time added to ``hop``. On an emulated slower
+        machine (``compute_scale`` > 1) the piece is stretched before anything it decided goes out."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            yield
+        spent = time.perf_counter() - start
+        if self.compute_scale > 1:
+            time.sleep((self.compute_scale - 1) * spent)
+            spent = time.perf_counter() - start
+        hop.compute_ms += spent * 1e3
+
+    def _run_exits(self, batch: Batch, hop: Hop) -> Generator[tuple[list[Prediction], bool], None, _Onward | None]:
+        """Run this tier's exits one after the other, each on the samples no earlier exit took. Yields the
+        predictions of the samples each exit answers as soon as its gate has decided, before the next exit's stages
+        run, with ``True`` on the tier's last answers (its computation complete by then); returns what goes on to
+        the next tier (``None`` when nothing does). ``hop`` gathers the compute time, FLOPs and exits."""
         s = self.spec
-        ids, x, flops = batch.sample_ids, batch.tensor, 0.0
+        ids, x = batch.sample_ids, batch.tensor
         # The logits of every exit so far, when this tier knows them all (it received them, or none came before).
         known, history = bool(s.history_in) or s.exits[0] == 0, batch.history if s.history_in else None
         here = list(range(len(ids)))  # positions in ``batch`` of the samples still here
-        local: list[Prediction] = []
         for j, (index, gate) in enumerate(zip(s.exits, self.gates)):
-            previous = history[:, -1] if history is not None else None
-            x, logits = self.segment.run_exit(j, x, previous)
-            flops += s.exit_flops[j] * len(here)
-            if not all_finite(logits):
-                raise _out_of_range(s.tier, "exit head")
-            if known:
-                mine = logits.float().unsqueeze(1)
-                history = mine if history is None else torch.cat([history, mine], dim=1)
-            stats = answer_stats(gate, logits, history)
-            leaves = gate(logits, stats, history).to(torch.bool).tolist()
-            labels, confidences = stats["label"].tolist(), stats["confidence"].tolist()  # one conversion per batch
-            local += [Prediction(ids[here[i]], labels[i], confidences[i], s.tier, index)
-                      for i, out in enumerate(leaves) if out]
-            stay = [i for i, out in enumerate(leaves) if not out]
+            last = j == len(s.exits) - 1
+            with self._computing(hop):
+                previous = history[:, -1] if history is not None else None
+                x, logits = self.segment.run_exit(j, x, previous)
+                hop.flops += s.exit_flops[j] * len(here)
+                if not all_finite(logits):
+                    raise _out_of_range(s.tier, "exit head")
+                if known:
+                    mine = logits.float().unsqueeze(1)
+                    history = mine if history is None else torch.cat([history, mine], dim=1)
+                stats = answer_stats(gate, logits, history)
+                leaves = gate(logits, stats, history).to(torch.bool).tolist()
+                labels, confidences = stats["label"].tolist(), stats["confidence"].tolist()  # one conversion each
+                local = [Prediction(ids[here[i]], labels[i], confidences[i], s.tier, index)
+                         for i, out in enumerate(leaves) if out]
+                stay = [i for i, out in enumerate(leaves) if not out]
+                if stay and len(stay) < len(here):  # everyone staying (a never gate, a hard batch): no gathered copy
+                    x, here = x[stay], [here[i] for i in stay]
+                    history = history[stay] if history is not None else None
+                    labels, confidences = [labels[i] for i in stay], [confidences[i] for i in stay]
+                if stay and last:
+                    hop.flops += s.send_flops * len(here)
+                    x = self.segment.send(x)
+                    if x.is_floating_point() and not all_finite(x):
+                        # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent
+                        # on, the next tier would refuse them, and the caller would see a broken deployment instead.
+                        # Checked before the tier's last answers go out: with one exit, a refused request has none.
+                        raise _out_of_range(s.tier, "segment")
+            hop.samples_exited += len(local)
+            if stay and not last:
+                if local:
+                    yield local, False
+                continue
+            if local:
+                yield local, True
             if not stay:
-                return local, None, flops
-            if len(stay) < len(here):  # everyone staying (a never gate, a hard batch) needs no gathered copy
-                x, here = x[stay], [here[i] for i in stay]
-                history = history[stay] if history is not None else None
-                labels, confidences = [labels[i] for i in stay], [confidences[i] for i in stay]
-        features = self.segment.send(x)
-        flops += s.send_flops * len(here)
-        if features.is_floating_point() and not all_finite(features):
-            # Finite inputs that overflow in our own segment: the caller's values are out of range. Sent on, the
-            # next tier would refuse them, and the caller would see a broken deployment instead. Checked before
-            # anything is answered, so a refused request has no answers out.
-            raise _out_of_range(s.tier, "segment")
-        onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in here], features, batch.deadline,
-                       batch.queued_s, history if s.history and history is not None else None)
-        return local, _Onward(onward, labels, confidences), flops
+                return None
+            onward = Batch(batch.request_id, batch.model_id, [ids[i] for i in here], x, batch.deadline,
+                           batch.queued_s, history if s.history and history is not None else None)
+            return _Onward(onward, labels, confidences)
+        raise AssertionError("unreachable: the last exit returns")
 
     def stream_validated(self, batch: Batch, bytes_received: int = 0) -> Iterator[Answer]:
-        """Partial answers of ``batch``, every sample in exactly one of them: first the samples this tier's exits
-        answered, yielded before anything is forwarded (with this tier's hop), then each partial answer of the next
-        tier as it arrives, then a closing part with this tier's forwarding figures (a hop of this tier with
-        ``samples_in`` 0) and, should the next tier fail, the samples it had not answered yet, answered here
-        degraded by the tier's last exit. With no early exit the hop rides on the first relayed part instead of a
-        part of its own. ``merge_answers`` of the parts is the unary answer."""
+        """Partial answers of ``batch``, every sample in exactly one of them: first, exit by exit, the samples this
+        tier's exits answered, each exit's yielded as soon as its gate has decided and before the next exit's stages
+        run (this tier's hop rides on its last answers, when its computation is complete), then each partial answer
+        of the next tier as it arrives, then a closing part with this tier's forwarding figures (a hop of this tier
+        with ``samples_in`` 0) and, should the next tier fail, the samples it had not answered yet, answered here
+        degraded by the tier's last exit. With no answer at the tier's last exit the hop rides on the first relayed
+        part instead. ``merge_answers`` of the parts is the unary answer. Values that overflow a later exit's stages
+        refuse the request after an earlier exit's answers have gone out; the unary answer, merged, has none."""
         s = self.spec
-        start = time.perf_counter()
-        with torch.inference_mode():
-            local, rest, flops = self._run_exits(batch)
-        compute_ms = (time.perf_counter() - start) * 1e3
-        if self.compute_scale > 1:
-            time.sleep((self.compute_scale - 1) * compute_ms / 1e3)
-            compute_ms = (time.perf_counter() - start) * 1e3
-
-        hop = Hop(s.tier, len(batch.sample_ids), len(local), compute_ms, bytes_received, flops=flops)
+        hop = Hop(s.tier, len(batch.sample_ids), 0, 0.0, bytes_received)
+        exits = self._run_exits(batch, hop)
+        held = [hop]  # this tier's hop goes out with the first part sent once its computation is complete
+        while True:
+            try:
+                local, complete = next(exits)
+            except StopIteration as done:
+                rest = done.value
+                break
+            yield Answer(batch.request_id, local, held if complete else [])
+            if complete:
+                held = []
         if rest is None:
-            yield Answer(batch.request_id, local, [hop])
             return
-        held = [hop]  # this tier's hop goes out with the first part sent
-        if local:
-            yield Answer(batch.request_id, local, held)
-            held = []
         onward = rest.batch
         closing = Hop(s.tier, 0, 0, 0.0)
         outstanding = set(onward.sample_ids)
