@@ -100,6 +100,7 @@ def test_in_process_chain_answers_like_the_model(four_exit_bundle, test_slice, s
     assert sorted(by_index) == ["0", "1", "2", "3", "4"] and all(e["samples"] > 0 for e in by_index.values())
     assert [by_index[str(e)]["tier"] for e in range(5)] == ["device", "device", "edge", "edge", "cloud"]
     assert sum(e["samples"] for e in by_index.values()) == len(test_slice)
+    assert all(0 < e["latency_ms"]["p50"] <= e["latency_ms"]["p95"] for e in by_index.values())
     # FLOPs follow the exits: a sample leaving at exit 0 paid for exit 0's block and head only.
     assert 0 < report["flops"]["saved_fraction"] < 1
 

@@ -72,12 +72,14 @@ def build_report(
     latencies = [r.latency_ms for r in records]
     # Per sample: from sending its request to receiving its answer (streamed answers come back as tiers decide).
     by_exit: dict[str, list[float]] = {t: [] for t in tiers}
+    by_exit_index: dict[int, list[float]] = {}
     per_sample = []
     for r in records:
         for p in r.answer.predictions:
             ms = r.sample_ms(p.sample_id)
             per_sample.append(ms)
             by_exit.setdefault(p.exit_tier, []).append(ms)
+            by_exit_index.setdefault(p.exit_index, []).append(ms)
     return {
         "samples": n,
         "requests": len(records),
@@ -87,8 +89,10 @@ def build_report(
         "exits": exits,
         "exit_fraction": {t: exits[t] / n if n else 0.0 for t in exits},
         "exit_accuracy": {t: (exit_correct[t] / exits[t] if exits[t] else None) for t in exits},
-        # Per exit of the model (a tier may hold several), keyed by exit index: who answered there and how well.
-        "exits_by_index": {str(i): {"tier": tier, "samples": k, "fraction": k / n, "accuracy": right / k}
+        # Per exit of the model (a tier may hold several), keyed by exit index: who answered there, how well, and
+        # how long its samples waited for their answers.
+        "exits_by_index": {str(i): {"tier": tier, "samples": k, "fraction": k / n, "accuracy": right / k,
+                                    "latency_ms": _percentiles(by_exit_index[i])}
                            for i, (k, right, tier) in sorted(by_index.items())},
         "degraded": sum(1 for p in predictions if p.degraded),
         "bytes": {**links, "raw_input_offload": raw},
@@ -182,8 +186,10 @@ def format_summary(report: dict) -> str:
                      f"accuracy {_fmt(report['exit_accuracy'][t], '.4f')}")
     by_index = report.get("exits_by_index") or {}
     if len(by_index) > len(report["exits"]):  # a tier holds several exits: show each
-        lines.append("  by exit: " + "   ".join(f"{i} ({e['tier']}) {e['fraction']:.1%} acc {e['accuracy']:.4f}"
-                                               for i, e in by_index.items()))
+        lines.append("  by exit: " + "   ".join(
+            f"{i} ({e['tier']}) {e['fraction']:.1%} acc {e['accuracy']:.4f}"
+            + (f" p50 {e['latency_ms']['p50']} ms" if (e.get("latency_ms") or {}).get("p50") is not None else "")
+            for i, e in by_index.items()))
     if report.get("degraded"):
         lines.append(f"  degraded answers (next tier unreachable or out of time): {report['degraded']}")
     lines.append("  bytes/sample: " + "   ".join(f"{k} {v:,.0f}" for k, v in report["bytes_per_sample"].items()))
