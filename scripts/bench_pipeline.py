@@ -339,6 +339,10 @@ def measure_streaming(bundle_root, bundles, data, batch_size, tiers, link_spec, 
             "exits": report["exits"], "accuracy": report["accuracy"],
             "latency_ms_by_exit": {t: {k: v[k] for k in ("p50", "p95")} for t, v in
                                    report["latency_ms_by_exit"].items()},
+            # A tier may hold several exits: each one's samples, streamed, are answered as its gate decides.
+            "latency_ms_by_exit_index": {i: {"tier": e["tier"], "samples": e["samples"],
+                                             **{k: e["latency_ms"][k] for k in ("p50", "p95")}}
+                                         for i, e in report["exits_by_index"].items()},
             "sample_latency_ms": report["sample_latency_ms"],
             "request_latency_ms": report["latency_ms"],
             "throughput_samples_per_s": round(report["throughput_samples_per_s"], 1),
