@@ -254,7 +254,7 @@ class DynamicBatcher:
                 p.parts.put(part)
         self._ran(len(p.batch.sample_ids))
 
-    def _run_apart(self, group: list[_Pending], queued: float, streamed: set[int] = frozenset(),
+    def _run_apart(self, group: list[_Pending], queued: float, streamed: set[int] | frozenset[int] = frozenset(),
                    offsets: list[int] | None = None) -> None:
         """Run each request of a merged batch that failed on its own, so one bad request never fails the others.
         ``streamed``: merged ids whose predictions already went to their (streaming) callers; those callers' runs

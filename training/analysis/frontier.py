@@ -11,9 +11,9 @@ with per-exit thresholds set on the validation split: the way the seed projects 
 every exchange rate between FLOPs and answers lost, the candidates calibration certifies (``priced``; dotted for
 ``confidence`` and ``ensemble``). With ``--probe-on train`` the frontier also has a ``probe`` policy: a gate
 reading every statistic of the exits so far, fitted on that split (``training.analysis.gate_probe``), a reference
-for how much any gate could gain over ``confidence`` on this model. Each segment's compute time is measured during the pass, so every point also
-has a mean compute latency per sample (segments and exit heads on this machine, batches of 500; links not
-included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
+for how much any gate could gain over ``confidence`` on this model. Each segment's compute time is measured during
+the pass, so every point also has a mean compute latency per sample (segments and exit heads on this machine,
+batches of 500; links not included). Writes ``OUT/frontier.json`` and ``OUT/frontier.png``: accuracy against the mean FLOPs fraction and
 against latency, one line per policy, the final exit's accuracy as a reference line, and two oracle gates that
 read the labels (``oracles``: the least computation for the final exit's answers, and for the best accuracy the
 exits allow) as bounds no policy can pass.
@@ -266,7 +266,8 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].set_title(f"accuracy against computation ({result['samples']} samples)")
     axes[1].set_title("accuracy against latency (segments' compute, no links)")
-    axes[2].legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize=6.5)  # beside, not over, the curves
+    # beside, not over, the curves
+    axes[2].legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize=6.5)
     for d in DROPS:
         axes[0].axhline(result["final_accuracy"] - d / 100, color="grey", linestyle=":", linewidth=0.8)
     reach = result["at_drop"]
