@@ -6,7 +6,8 @@ request it sent, so the runtime is tested in process and served unchanged by ``c
 
 Answers can also stream (``TierRuntime.stream``): the samples each of this tier's exits answered go out as soon as
 its gate has decided, before the next exit runs and before the rest is forwarded, followed by the next tier's partial
-answers as they arrive (from an injected ``ForwardStream``). ``process`` is the merge of that stream, so the unary and the streamed call share one path.
+answers as they arrive (from an injected ``ForwardStream``). ``process`` is the merge of that stream, so the unary
+and the streamed call share one path.
 """
 from __future__ import annotations
 
