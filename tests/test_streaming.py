@@ -433,3 +433,16 @@ def test_with_batching_a_request_overflowing_a_later_exit_fails_alone_and_nothin
     assert isinstance(refused[-1], InvalidRequest) and "out of range" in str(refused[-1])
     answered = [p.sample_id for part in refused[:-1] for p in part.predictions]
     assert answered == [0]  # its easy row, once
+
+
+def test_a_stream_closed_after_the_first_exits_answers_runs_no_further_stage():
+    """A caller gone after the device's first answers (a cancelled call closes the stream) costs no more compute."""
+    from tests.test_runtime import two_exit_spec
+
+    log: list[str] = []
+    nxt = StreamingNext()
+    rt = TierRuntime(two_exit_spec(), _two_exits(log), ConfidenceGate(0.9), forward_stream=nxt)
+    parts = rt.stream(batch([[5, 0], [0, 0]]))
+    assert [p.sample_id for p in next(parts).predictions] == [10]
+    parts.close()
+    assert log == ["stage 0"] and nxt.calls == []
