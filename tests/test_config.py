@@ -40,6 +40,7 @@ def test_list_flags_are_comma_separated():
     ("target_drop = 1.0\nbudget_flops = 0.5", "at most one"),
     ("target_accuracy = 1.5", "target_accuracy"),
     ("loss_weights = [0.0, 0.0, 1.0]", "loss_weights"),
+    ("exit_conv_layers = 0", "conv_layers >= 1"),
 ])
 def test_bad_files_are_config_errors(tmp_path, toml, message):
     f = tmp_path / "c.toml"

@@ -129,7 +129,7 @@ class TrainConfig:
                                                and parse_spec(self.data).kind not in ("synthetic", "mnist"))
 
     def __post_init__(self) -> None:
-        from common.model import backbone_info
+        from common.model import ExitHeadSpec, backbone_info
         from common.plugins import use_plugins
 
         use_plugins(self.plugin)  # before the architecture is looked up: a plugin may register it
@@ -140,9 +140,10 @@ class TrainConfig:
         if self.bottleneck_channels < 0 or self.bottleneck_stride < 1:
             raise ValueError("bottleneck_channels must be >= 0 and bottleneck_stride >= 1, got "
                              f"{self.bottleneck_channels} and {self.bottleneck_stride}")
-        if self.exit_conv_channels < 0 or self.exit_conv_stride < 1 or self.exit_conv_layers < 1:
-            raise ValueError("exit_conv_channels must be >= 0, exit_conv_stride and exit_conv_layers >= 1, got "
-                             f"{self.exit_conv_channels}, {self.exit_conv_stride} and {self.exit_conv_layers}")
+        try:  # the exit heads' own rule, checked before any training starts
+            ExitHeadSpec(self.exit_conv_channels, self.exit_conv_stride, self.exit_conv_layers)
+        except ConfigError as e:
+            raise ValueError(f"exit_conv_channels / exit_conv_stride / exit_conv_layers: {e}") from None
         if self.mode not in ("joint", "staged"):
             raise ValueError(f"mode must be joint or staged, got {self.mode!r}")
         if self.augment not in ("auto", "none", "crop_flip"):

@@ -1,9 +1,10 @@
-"""A probe of the headroom left to exit gates: how much computation could a gate that reads everything the exits so
-far computed save over max-softmax ``confidence`` on the same model?
+"""A probe of the headroom left to exit gates: how much computation could a gate that reads the outputs of every exit
+so far save over max-softmax ``confidence`` on the same model?
 
 The probe is a reference for the frontier (``training.analysis.frontier --probe-on SPLIT``), not a policy to deploy:
-its gate at exit k is a two-hidden-layer MLP over ``probe_features`` of exits 0..k (every statistic the shipped
-``mlp`` and ``ensemble`` gates read, and more) trained on another split, usually the training split with its tens of
+its gate at exit k is a two-hidden-layer MLP over ``probe_features`` of exits 0..k (the statistics the shipped
+``mlp`` gate reads, its agreement feature, and how sure each earlier exit was of this exit's answer) trained on
+another split, usually the training split with its tens of
 thousands of samples, to predict whether exit k's answer is right. If this gate's frontier is no better than
 ``confidence``'s, no gate over the exits' outputs is likely to be, and savings must come from the exits themselves.
 """
