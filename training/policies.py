@@ -189,24 +189,24 @@ def build_policies(exit_logits: list[Tensor], labels: Tensor, costs: list[float]
     ordered_on_train = method == "ltt" and order_on is not None
     for name in POLICIES:
         # The samples a policy is certified on: never those its gates were fitted on.
-        certify = torch.arange(len(labels)) if ordered_on_train and name not in FITTED else cal
+        certify_logits, certify_labels = ((exit_logits, labels) if ordered_on_train and name not in FITTED
+                                          else (cal_logits, labels[cal]))
         if name == "cost" and method == "naive":
             # Its trade-off is alpha, fixed at fitting; accuracy targets and budgets do not apply to it.
             gates, info = list(learned["cost"]), {"method": "alpha", "objective": "alpha",
                                                   "target": learned["cost"][0].alpha}
         else:
             family = policy_family(name, learned.get(name), len(exit_logits) - 1)
-            cal_scores = ExitScores.build([lg[certify] for lg in exit_logits], labels[certify], family, costs,
-                                          full_flops)
+            cal_scores = ExitScores.build(certify_logits, certify_labels, family, costs, full_flops)
             path_logits, path_labels = order_on if ordered_on_train else (fit_logits, labels[fit])
             path = ExitScores.build(path_logits, path_labels, family, costs, full_flops)
             thresholds, info = calibrate_scores(cal_scores, objective, method, delta, bound, path=path)
             if method == "ltt":
                 info["ordered_on"] = "train" if ordered_on_train else "val"
             gates = to_gates(family, thresholds)
-        outcome = cascade([lg[certify] for lg in exit_logits], labels[certify], gates, costs)
+        outcome = cascade(certify_logits, certify_labels, gates, costs)
         policies[name] = [gate_to_dict(g) for g in gates]
         calibration[name] = {**info, "val_accuracy": outcome["accuracy"], "val_exit_counts": outcome["exit_counts"],
                              "val_flops_fraction": outcome["mean_cost"] / full_flops,
-                             "val_samples": len(certify)}
+                             "val_samples": len(certify_labels)}
     return {"policies": policies, "calibration": calibration}
